@@ -1,0 +1,282 @@
+"""The dispatcher: runs listeners after the commit, per id and listener in seq order.
+
+Deliveries run on one asyncio loop in a background thread: a lane per
+(id, listener) awaits one change at a time, so a slow or failing listener holds
+back only its own lane. Plain listeners run in a thread pool, `async def` ones on
+the loop; both are bounded by `Backoff.timeout`. When every listener of a change
+has finished (or given up), the engine acknowledges it, which removes the
+change from the outbox.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+import logging
+import threading
+from collections import deque
+from collections.abc import Awaitable, Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from ._backoff import Backoff
+from ._change import Change
+from ._engine import Delivery, Engine
+from ._types import Listener
+from .stores.base import Doc
+
+log = logging.getLogger("casern")
+
+
+@dataclass(slots=True, eq=False)
+class _Job:
+    id: str
+    entry: Doc
+    remaining: int
+    failed: list[Doc] = field(default_factory=list)
+
+
+class Dispatcher:
+    """Delivers committed changes to listeners, at least once, in seq order per lane."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        listeners: Mapping[str, Listener],
+        preferences: Mapping[str, Any],
+        services: Mapping[str, Any],
+        backoff: Backoff,
+        send: Callable[[str, str, Any, str], Future[Any]],
+        *,
+        relay_history: bool,
+    ) -> None:
+        self.engine = engine
+        self.listeners = dict(listeners)
+        self.preferences = preferences
+        self.services = services
+        self.backoff = backoff
+        self._send = send
+        self.relay_history = relay_history
+        self._lanes: dict[tuple[str, str], deque[_Job]] = {}
+        self._inflight: set[tuple[str, int]] = set()
+        self._jobs = 0
+        self._idle = threading.Condition()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._stopping = False
+
+    # -- thread-safe entry points -------------------------------------------------------
+
+    def submit(self, deliveries: list[Delivery]) -> None:
+        """Accept committed changes (from the committer, or a recovery sweep)."""
+        loop = self._ensure_loop()
+        fresh: list[Delivery] = []
+        with self._idle:
+            for d in deliveries:
+                key = (d.id, d.entry["seq"])
+                if key in self._inflight:
+                    continue
+                self._inflight.add(key)
+                self._jobs += 1
+                fresh.append(d)
+        if fresh:
+            loop.call_soon_threadsafe(self._accept, fresh)
+
+    def inflight(self, id: str, seq: int) -> bool:
+        with self._idle:
+            return (id, seq) in self._inflight
+
+    def acked(self, id: str, seqs: frozenset[int]) -> None:
+        with self._idle:
+            for seq in seqs:
+                self._inflight.discard((id, seq))
+
+    def wait_idle(self, timeout: float | None) -> bool:
+        with self._idle:
+            return self._idle.wait_for(lambda: self._jobs == 0, timeout)
+
+    def stop(self, timeout: float) -> None:
+        """Let running deliveries finish for up to `timeout`, then abandon the rest.
+
+        Abandoned changes stay in the outbox; a later `start()` delivers them.
+        """
+        if self._loop is None:
+            return
+        self.wait_idle(timeout)
+        self._stopping = True
+        loop = self._loop
+
+        async def cancel() -> None:
+            for task in list(self._tasks):
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+        asyncio.run_coroutine_threadsafe(cancel(), loop).result(timeout=max(timeout, 1.0))
+        loop.call_soon_threadsafe(loop.stop)
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+        self._loop = self._thread = self._pool = None
+        with self._idle:
+            self._jobs = 0
+            self._inflight.clear()
+            self._lanes.clear()
+            self._idle.notify_all()
+        self._stopping = False
+
+    # -- the loop thread ----------------------------------------------------------------
+
+    def _ensure_loop(self) -> asyncio.AbstractEventLoop:
+        if self._loop is not None:
+            return self._loop
+        with self._lock:
+            if self._loop is None:
+                loop = asyncio.new_event_loop()
+                self._pool = ThreadPoolExecutor(32, thread_name_prefix="casern-listener")
+                loop.set_default_executor(self._pool)
+                ready = threading.Event()
+
+                def run() -> None:
+                    asyncio.set_event_loop(loop)
+                    loop.call_soon(ready.set)
+                    loop.run_forever()
+
+                self._thread = threading.Thread(target=run, name="casern-delivery", daemon=True)
+                self._thread.start()
+                ready.wait()
+                self._loop = loop
+        return self._loop
+
+    def _accept(self, deliveries: list[Delivery]) -> None:
+        for d in deliveries:
+            names = d.entry.get("listeners") or list(self.listeners)
+            names = [n for n in names if n in self.listeners]
+            job = _Job(d.id, d.entry, len(names))
+            if not names:
+                self._spawn(self._finish(job))
+            for name in names:
+                lane = self._lanes.get((d.id, name))
+                if lane is None:
+                    lane = self._lanes[(d.id, name)] = deque()
+                    self._spawn(self._run_lane(d.id, name, lane))
+                lane.append(job)
+
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        task: asyncio.Task[None] = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run_lane(self, id: str, name: str, lane: deque[_Job]) -> None:
+        try:
+            while lane:
+                job = lane[0]
+                await self._deliver(job, name)
+                lane.popleft()
+                job.remaining -= 1
+                if job.remaining == 0:
+                    await self._finish(job)
+        finally:
+            self._lanes.pop((id, name), None)
+
+    async def _finish(self, job: _Job) -> None:
+        if self.relay_history:
+            history = {
+                k: job.entry[k] for k in ("seq", "reducer", "data", "key", "applied_at", "version")
+            }
+            for attempt in range(1, 1_000_000):
+                try:
+                    await asyncio.to_thread(self.engine.store.put_history, job.id, [history])
+                    break
+                except Exception as e:  # the store is away: keep the entry, try again later
+                    log.warning("recording history of %r failed (%s); retrying", job.id, e)
+                    await asyncio.sleep(min(30.0, 0.1 * 2**attempt))
+        self.engine.ack(job.id, job.entry["seq"], job.failed)
+        with self._idle:
+            self._jobs -= 1
+            if self._jobs == 0:
+                self._idle.notify_all()
+
+    async def _deliver(self, job: _Job, name: str) -> None:
+        listener = self.listeners[name]
+        b = self.backoff
+        for attempt in range(1, b.attempts + 1):
+            try:
+                await self._call_once(job, name, listener)
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                error = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+                if attempt == b.attempts:
+                    log.error(
+                        "listener %r gave up on %r seq %s after %d attempts: %s",
+                        name,
+                        job.id,
+                        job.entry["seq"],
+                        attempt,
+                        error,
+                    )
+                    failed = {k: v for k, v in job.entry.items() if k != "listeners"}
+                    failed.update(listener=name, error=error, attempts=attempt)
+                    job.failed.append(failed)
+                    return
+                delay = b.delay(attempt)
+                log.warning(
+                    "listener %r failed on %r seq %s (attempt %d of %d): %s; retrying in %.2fs",
+                    name,
+                    job.id,
+                    job.entry["seq"],
+                    attempt,
+                    b.attempts,
+                    error,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+
+    async def _call_once(self, job: _Job, name: str, listener: Listener) -> None:
+        entry = job.entry
+        sent: list[Future[Any]] = []
+        count = 0
+
+        def send(reducer: str, id: str, data: Any = None) -> None:
+            nonlocal count
+            count += 1
+            key = f"{job.id}\x1f{entry['seq']}\x1f{name}\x1f{count}"
+            sent.append(self._send(reducer, id, data, key))
+
+        change = Change(
+            id=job.id,
+            reducer=entry["reducer"],
+            data=_copy(entry["data"]),
+            key=entry["key"],
+            seq=entry["seq"],
+            prev=_copy(entry["prev"]),
+            state=_copy(entry["state"]),
+            applied_at=datetime.fromisoformat(entry["applied_at"]),
+            preferences=self.preferences,
+            services=self.services,
+            send=send,
+            listener=name,
+        )
+        timeout = self.backoff.timeout
+        if inspect.iscoroutinefunction(listener):
+            result: Any = await asyncio.wait_for(listener(change), timeout)
+        else:
+            loop = asyncio.get_running_loop()
+            result = await asyncio.wait_for(loop.run_in_executor(None, listener, change), timeout)
+            if inspect.isawaitable(result):
+                await asyncio.wait_for(result, timeout)
+        # The change counts as delivered only once the sends it queued are durable.
+        for fut in sent:
+            await asyncio.wrap_future(fut)
+
+
+def _copy(value: Any) -> Any:
+    return json.loads(json.dumps(value))

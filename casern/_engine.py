@@ -1,0 +1,592 @@
+"""The committer: validate → load → reduce → commit (revision-checked) → hand over effects.
+
+One committer thread per app owns every write. Sends from any thread or task
+are queued to it; it takes everything queued at once (group commit: one read
+and one write for many ids, several actions of one id folded into one write),
+so sends to one id never conflict with each other inside a process, and a lone
+send waits for nothing. Across processes the revision check decides: a losing
+write is re-read and its reducers re-run, so no update is ever lost.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import logging
+import queue
+import random
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from ._errors import (
+    CasernError,
+    ConflictError,
+    InvalidState,
+    ReducerError,
+    UpgradeError,
+)
+from ._types import Reducer, Timer, Upgrade
+from .stores.base import Doc, Record, Store, Write
+
+log = logging.getLogger("casern")
+
+SEND, FIRE, ACK, RETRY, MIGRATE = "send", "fire", "ack", "retry", "migrate"
+_STOP = object()
+MAX_BATCH = 500
+
+
+def dumps(value: Any) -> str:
+    """Canonical JSON text: compact, unicode kept, NaN refused."""
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+
+
+def now_iso(at: float) -> str:
+    return datetime.fromtimestamp(at, UTC).isoformat()
+
+
+@dataclass(slots=True, eq=False)
+class Action:
+    """One unit of work for the committer; `future` resolves when it is durable."""
+
+    kind: str
+    id: str
+    future: Future[Any]
+    reducer: str = ""
+    data_json: str = "null"
+    key: str | None = None
+    seqs: frozenset[int] = frozenset()  # ACK: pending entries delivered
+    failed: list[Doc] = field(default_factory=list)  # ACK: deliveries that gave up
+    attempts: int = 0
+
+
+@dataclass(slots=True)
+class Delivery:
+    """A committed change handed to the dispatcher: its pending entry and both states."""
+
+    id: str
+    entry: Doc  # seq, reducer, data, key, applied_at, at, version, prev, state[, listeners]
+
+
+@dataclass(slots=True)
+class _Plan:
+    id: str
+    rev: str | None
+    doc: Doc | None  # None: nothing to write
+    actions: list[Action]
+    results: list[tuple[Action, Any]]  # resolved after the write lands
+    history: list[Doc] = field(default_factory=list)
+    deliveries: list[Delivery] = field(default_factory=list)
+    acked: set[int] = field(default_factory=set)
+
+
+def _normalize(value: Any) -> tuple[str, dict[str, Any]]:
+    """Return (json, parsed copy) of a reducer's result, or raise InvalidState."""
+    if not isinstance(value, dict):
+        raise InvalidState(
+            f"a reducer must return a dict (a JSON object), not {type(value).__name__};"
+            " return the new state, even if unchanged"
+        )
+    try:
+        text = dumps(value)
+    except (TypeError, ValueError) as e:
+        raise InvalidState(f"the new state is not JSON-serialisable: {e}") from None
+    parsed: dict[str, Any] = json.loads(text)
+    if parsed != value:
+        bad = _non_str_key(value)
+        if bad is not None:
+            raise InvalidState(f"the new state has a non-str key {bad!r}; JSON keys are strings")
+    return text, parsed
+
+
+def _non_str_key(value: Any) -> Any:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if not isinstance(k, str):
+                return k
+            bad = _non_str_key(v)
+            if bad is not None:
+                return bad
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            bad = _non_str_key(v)
+            if bad is not None:
+                return bad
+    return None
+
+
+class _LRU:
+    """A bounded map id -> Record: the revision cache (a stale entry costs one conflict)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._data: OrderedDict[str, Record] = OrderedDict()
+
+    def get(self, id: str) -> Record | None:
+        rec = self._data.get(id)
+        if rec is not None:
+            self._data.move_to_end(id)
+        return rec
+
+    def put(self, rec: Record) -> None:
+        if self.size <= 0:
+            return
+        self._data[rec.id] = rec
+        self._data.move_to_end(rec.id)
+        while len(self._data) > self.size:
+            self._data.popitem(last=False)
+
+    def pop(self, id: str) -> None:
+        self._data.pop(id, None)
+
+
+class Engine:
+    """Folds queued actions into revision-checked writes; owns the committer thread."""
+
+    def __init__(
+        self,
+        store: Store,
+        preferences: Mapping[str, Any],
+        reducers: Mapping[str, Reducer],
+        timers: Mapping[str, Timer],
+        *,
+        outbox: bool,
+        history: bool,
+        state_version: int,
+        upgrade: Upgrade | None,
+        on_commit: Callable[[list[Delivery]], None],
+        on_acked: Callable[[str, frozenset[int]], None],
+        keep_keys: int = 100,
+        cache_size: int = 4096,
+        max_conflicts: int = 100,
+        ack_delay: float = 0.1,
+    ) -> None:
+        self.store = store
+        self.preferences = preferences
+        self.reducers = reducers
+        self.timers = timers
+        self.outbox = outbox  # write pending entries (listeners, or history relayed later)
+        self.history = history
+        self.state_version = state_version
+        self.upgrade = upgrade
+        self.on_commit = on_commit
+        self.on_acked = on_acked
+        self.keep_keys = keep_keys
+        self.max_conflicts = max_conflicts
+        self.ack_delay = ack_delay
+        self.cache = _LRU(cache_size)
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._retries: list[tuple[float, int, Action]] = []
+        self._tiebreak = 0
+        self._acks: dict[str, tuple[set[int], list[Doc], float]] = {}
+        self._acks_lock = threading.Lock()
+        self._idle = threading.Condition()
+        self._outstanding = 0
+        self._thread: threading.Thread | None = None
+        self._start_lock = threading.Lock()
+        self.writes = 0  # envelope writes that landed (for benches)
+
+    # -- submitting ---------------------------------------------------------------------
+
+    def submit(self, action: Action) -> Future[Any]:
+        """Queue an action for the committer; returns its future."""
+        if self._thread is None:
+            with self._start_lock:
+                if self._thread is None:
+                    self._thread = threading.Thread(
+                        target=self._run, name="casern-committer", daemon=True
+                    )
+                    self._thread.start()
+        with self._idle:
+            self._outstanding += 1
+        action.future.add_done_callback(self._done)
+        self._queue.put(action)
+        return action.future
+
+    def _done(self, _: Future[Any]) -> None:
+        with self._idle:
+            self._outstanding -= 1
+            if self._outstanding == 0:
+                self._idle.notify_all()
+
+    def ack(self, id: str, seq: int, failed: Sequence[Doc] = ()) -> None:
+        """Record that every listener of (id, seq) finished; written lazily."""
+        with self._acks_lock:
+            seqs, fails, since = self._acks.get(id, (set(), [], time.monotonic()))
+            seqs.add(seq)
+            fails.extend(failed)
+            self._acks[id] = (seqs, fails, since)
+
+    def wait_idle(self, timeout: float | None) -> bool:
+        """Block until no submitted action is unresolved."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._outstanding == 0, timeout)
+
+    def stop(self) -> None:
+        """Commit what is queued, write the deferred acknowledgements, stop the thread."""
+        if self._thread is not None:
+            self._queue.put(_STOP)
+            self._thread.join()
+            self._thread = None
+
+    # -- the committer thread -----------------------------------------------------------
+
+    def _run(self) -> None:
+        stopping = False
+        while True:
+            batch, stopping = self._take(stopping)
+            if batch:
+                try:
+                    self._process(batch)
+                except BaseException as e:  # never leave a caller waiting forever
+                    log.exception("casern committer failed on a batch")
+                    for a in batch:
+                        if not a.future.done():
+                            a.future.set_exception(
+                                e if isinstance(e, CasernError) else CasernError(repr(e))
+                            )
+            elif stopping and not self._retries:
+                return
+
+    def _take(self, stopping: bool) -> tuple[list[Action], bool]:
+        """Gather a batch: everything queued, due conflict retries and deferred acks."""
+        timeout = 0.0 if stopping else self._wait_time()
+        batch: list[Action] = []
+        try:
+            first = self._queue.get(timeout=timeout) if timeout > 0 else self._queue.get_nowait()
+            while True:
+                if first is _STOP:
+                    stopping = True
+                else:
+                    batch.append(first)
+                if len(batch) >= MAX_BATCH:
+                    break
+                first = self._queue.get_nowait()
+        except queue.Empty:
+            pass
+        now = time.monotonic()
+        while self._retries and (self._retries[0][0] <= now or stopping):
+            if len(batch) >= MAX_BATCH:
+                break
+            batch.append(heapq.heappop(self._retries)[2])
+        # Acknowledgements ride along with the next write of their id, or go out
+        # in a sweep once things are quiet for `ack_delay`.
+        with self._acks_lock:
+            if self._acks:
+                ids = {a.id for a in batch}
+                flush = stopping or not batch
+                for id in list(self._acks):
+                    seqs, fails, since = self._acks[id]
+                    if id in ids or (flush and now - since >= self.ack_delay) or stopping:
+                        del self._acks[id]
+                        batch.append(Action(ACK, id, Future(), seqs=frozenset(seqs), failed=fails))
+        return batch, stopping
+
+    def _wait_time(self) -> float:
+        waits = [5.0]
+        now = time.monotonic()
+        if self._retries:
+            waits.append(self._retries[0][0] - now)
+        with self._acks_lock:
+            if self._acks:
+                oldest = min(since for _, _, since in self._acks.values())
+                waits.append(oldest + self.ack_delay - now)
+        return max(0.001, min(waits))
+
+    def _retry_later(self, action: Action) -> None:
+        action.attempts += 1
+        if action.attempts > self.max_conflicts:
+            if action.kind == ACK:
+                return  # the entries stay pending; a sweep delivers them again
+            action.future.set_exception(
+                ConflictError(
+                    f"gave up on {action.id!r} after {action.attempts - 1} write conflicts;"
+                    " too many processes write this id at once"
+                )
+            )
+            return
+        delay = (
+            0.0 if action.attempts == 1 else random.uniform(0, min(0.2, 0.002 * 2**action.attempts))
+        )
+        self._tiebreak += 1
+        heapq.heappush(self._retries, (time.monotonic() + delay, self._tiebreak, action))
+
+    def _process(self, batch: list[Action]) -> None:
+        groups: dict[str, list[Action]] = {}
+        for a in batch:
+            groups.setdefault(a.id, []).append(a)
+        cached = {id: rec for id in groups if (rec := self.cache.get(id)) is not None}
+        try:
+            fetched = self.store.get_many([id for id in groups if id not in cached])
+        except CasernError as e:
+            self._fail(batch, e)
+            return
+        plans: list[_Plan] = []
+        for id, actions in groups.items():
+            rec = cached.get(id) or fetched.get(id)
+            plan = self._fold(id, rec, actions)
+            if plan.doc is not None:
+                plans.append(plan)
+            elif id in cached and any(a.kind in (SEND, FIRE) for a in actions):
+                # A cached revision may be stale (another process wrote): decide
+                # "nothing to do" only on a fresh read.
+                self.cache.pop(id)
+                for a in actions:
+                    self._retry_later(a)
+            else:
+                self._resolve(plan)
+        if not plans:
+            return
+        writes = [Write(p.id, p.rev, p.doc or {}, p.history) for p in plans]
+        try:
+            revs = self.store.put_many(writes)
+        except CasernError as e:
+            for p in plans:
+                self.cache.pop(p.id)
+                self._fail(p.actions, e)
+            return
+        deliveries: list[Delivery] = []
+        for plan, rev in zip(plans, revs, strict=True):
+            if rev is None:
+                self.cache.pop(plan.id)
+                for a in plan.actions:
+                    self._retry_later(a)
+                continue
+            self.writes += 1
+            assert plan.doc is not None
+            self.cache.put(Record(plan.id, rev, plan.doc))
+            deliveries.extend(plan.deliveries)
+            self._resolve(plan)
+            if plan.acked:
+                self.on_acked(plan.id, frozenset(plan.acked))
+        if deliveries:
+            self.on_commit(deliveries)
+
+    def _fail(self, actions: Sequence[Action], error: CasernError) -> None:
+        for a in actions:
+            if a.kind == ACK:
+                self.ack_again(a)
+            elif not a.future.done():
+                a.future.set_exception(error)
+
+    def ack_again(self, a: Action) -> None:
+        for seq in a.seqs:
+            self.ack(a.id, seq, a.failed if seq == max(a.seqs) else ())
+
+    @staticmethod
+    def _resolve(plan: _Plan) -> None:
+        for action, result in plan.results:
+            if action.future.done():
+                continue
+            if isinstance(result, BaseException):
+                action.future.set_exception(result)
+            else:
+                action.future.set_result(result)
+
+    # -- folding actions into one envelope ----------------------------------------------
+
+    def load_state(self, doc: Doc) -> dict[str, Any]:
+        """The envelope's state in this code's `state_version` (upgraded in memory)."""
+        state: dict[str, Any] = doc.get("state", {})
+        version = int(doc.get("version", self.state_version))
+        if version == self.state_version:
+            return state
+        if version > self.state_version:
+            raise UpgradeError(
+                f"the stored state was written by state_version={version}, newer than this"
+                f" code's state_version={self.state_version}; deploy the newer code"
+            )
+        if self.upgrade is None:
+            raise UpgradeError(
+                f"the stored state has state_version={version} but this code expects"
+                f" {self.state_version}; pass upgrade=fn(preferences, old_version, state)"
+            )
+        try:
+            upgraded = self.upgrade(self.preferences, version, json.loads(dumps(state)))
+            _, parsed = _normalize(upgraded)
+        except Exception as e:
+            raise UpgradeError(
+                f"upgrade from state_version={version} to {self.state_version} failed: {e!r}"
+            ) from e
+        return parsed
+
+    def _fold(self, id: str, rec: Record | None, actions: list[Action]) -> _Plan:
+        """Apply `actions` in order to one envelope; return what to write and to answer."""
+        doc: Doc = dict(rec.doc) if rec else {"state": {}, "seq": 0, "version": self.state_version}
+        plan = _Plan(id, rec.rev if rec else None, None, actions, [])
+        try:
+            state = self.load_state(doc)
+            upgrade_error: UpgradeError | None = None
+        except UpgradeError as e:
+            state, upgrade_error = doc.get("state", {}), e
+        upgraded = upgrade_error is None and doc.get("version") != self.state_version
+        cur_json = dumps(state)
+        seq = int(doc.get("seq", 0))
+        keys: list[str] = list(doc.get("keys", ()))
+        due: dict[str, float] = dict(doc.get("due", {}))
+        fired: dict[str, float] = dict(doc.get("fired", {}))
+        pending: list[Doc] = list(doc.get("pending", ()))
+        failed: list[Doc] = list(doc.get("failed", ()))
+        changed = False  # the state changed: new seq(s)
+        meta = False  # something else in the envelope changed
+
+        def step(reducer: str, data_json: str, key: str | None, a: Action, now: float) -> None:
+            nonlocal state, cur_json, seq, changed
+            name = reducer
+            try:
+                new = self.reducers[name](
+                    self.preferences, json.loads(cur_json), json.loads(data_json)
+                )
+            except Exception as e:
+                err = ReducerError(f"reducer {name!r} raised {type(e).__name__}: {e}")
+                err.__cause__ = e
+                plan.results.append((a, err))
+                return
+            try:
+                new_json, new_state = _normalize(new)
+            except InvalidState as e:
+                plan.results.append((a, InvalidState(f"reducer {name!r}: {e}")))
+                return
+            if new_state == state:
+                plan.results.append((a, cur_json))
+                return
+            seq += 1
+            changed = True
+            record = {
+                "seq": seq,
+                "reducer": name,
+                "data": json.loads(data_json),
+                "key": key,
+                "applied_at": now_iso(now),
+                "version": self.state_version,
+            }
+            if self.history:
+                plan.history.append(record)
+            if self.outbox:
+                entry = dict(record, at=now, prev=json.loads(cur_json), state=json.loads(new_json))
+                pending.append(entry)
+                plan.deliveries.append(Delivery(id, entry))
+            if key is not None:
+                keys.append(key)
+            state, cur_json = new_state, new_json
+            plan.results.append((a, cur_json))
+
+        for a in actions:
+            now = time.time()
+            if a.kind in (SEND, FIRE, MIGRATE) and upgrade_error is not None:
+                plan.results.append((a, upgrade_error))
+            elif a.kind == SEND:
+                if a.key is not None and a.key in keys:
+                    plan.results.append((a, cur_json))
+                else:
+                    step(a.reducer, a.data_json, a.key, a, now)
+            elif a.kind == FIRE:
+                # Fire every timer of this envelope that is due now: the revision
+                # check of this write makes each due time fire once across workers.
+                fired_any = False
+                for name, at in sorted(due.items(), key=lambda kv: kv[1]):
+                    if at > now:
+                        continue
+                    fired_any = meta = True
+                    del due[name]
+                    fired[name] = at
+                    before = len(plan.results)
+                    step(name, dumps({"now": now}), None, a, now)
+                    result = plan.results.pop(before) if len(plan.results) > before else None
+                    if isinstance(result, BaseException):
+                        log.error("timer %r of %r failed: %s", name, id, result)
+                plan.results.append((a, cur_json if fired_any else None))
+            elif a.kind == ACK:
+                kept = [e for e in pending if e["seq"] not in a.seqs]
+                if len(kept) != len(pending) or a.failed:
+                    meta = True
+                    plan.acked.update(a.seqs)
+                pending = kept
+                failed.extend(a.failed)
+                plan.results.append((a, None))
+            elif a.kind == RETRY:
+                # Failed deliveries go back to the outbox, only for the listeners that failed.
+                moved: dict[int, Doc] = {}
+                for f in failed:
+                    entry = moved.setdefault(
+                        f["seq"],
+                        {k: v for k, v in f.items() if k not in ("listener", "error", "attempts")},
+                    )
+                    entry.setdefault("listeners", []).append(f["listener"])
+                for entry in moved.values():
+                    entry["at"] = now
+                    pending.append(entry)
+                    plan.deliveries.append(Delivery(id, entry))
+                plan.results.append((a, len(failed)))
+                if failed:
+                    meta = True
+                    failed = []
+            elif a.kind == MIGRATE:
+                plan.results.append((a, upgraded))
+                meta = meta or upgraded
+
+        if changed and self.timers:
+            try:
+                self._schedule(state, due, fired)
+            except ReducerError as e:
+                # The new state cannot be scheduled: refuse every change of this fold.
+                for i, (a, r) in enumerate(plan.results):
+                    if a.kind == SEND and not isinstance(r, BaseException):
+                        plan.results[i] = (a, e)
+                plan.doc = None
+                return _Plan(id, plan.rev, None, actions, plan.results)
+        if not (changed or meta):
+            return plan
+        del keys[: max(0, len(keys) - self.keep_keys)]
+        new_doc: Doc = {
+            "state": state if upgrade_error is None else doc.get("state", {}),
+            "seq": seq,
+            "version": self.state_version if upgrade_error is None else doc.get("version"),
+        }
+        if keys:
+            new_doc["keys"] = keys
+        if due:
+            new_doc["due"] = due
+            new_doc["next_due"] = min(due.values())
+        if fired:
+            new_doc["fired"] = fired
+        if pending:
+            pending.sort(key=lambda e: e["seq"])
+            new_doc["pending"] = pending
+            new_doc["pending_since"] = min(e["at"] for e in pending)
+        if failed:
+            new_doc["failed"] = failed
+            new_doc["nfailed"] = len(failed)
+        plan.doc = new_doc
+        return plan
+
+    def _schedule(
+        self, state: dict[str, Any], due: dict[str, float], fired: dict[str, float]
+    ) -> None:
+        """Recompute due times after a change; a consumed time never fires again."""
+        for name, timer in self.timers.items():
+            try:
+                at = timer(self.preferences, json.loads(dumps(state)))
+            except Exception as e:
+                raise ReducerError(
+                    f"timers function {name!r} raised {type(e).__name__}: {e}"
+                ) from e
+            if at is None:
+                due.pop(name, None)
+                fired.pop(name, None)
+                continue
+            if isinstance(at, bool) or not isinstance(at, (int, float)) or at != at:
+                raise ReducerError(
+                    f"timers function {name!r} returned {at!r}; return epoch seconds or None"
+                )
+            at = float(at)
+            if fired.get(name) == at:
+                due.pop(name, None)
+                continue
+            fired.pop(name, None)
+            due[name] = at

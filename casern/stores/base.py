@@ -1,0 +1,129 @@
+"""The seam between the engine and a database: one small interface, many stores.
+
+The engine keeps everything that must change together in one *envelope* per
+machine id (CouchDB is only atomic per document), and a store persists
+envelopes with revision-checked writes. The envelope is a JSON object::
+
+    {"state":   {...},          # what the reducer returned: all users ever see
+     "seq":     42,             # committed changes so far, no gaps
+     "version": 1,              # state_version of the code that wrote it
+     "keys":    [...],          # recent idempotency keys, bounded
+     "due":     {"reducer": t}, # next timer per reducer (epoch seconds)
+     "fired":   {"reducer": t}, # due times already consumed (fire once)
+     "pending": [{...}, ...],   # the outbox: changes whose listeners have not all run
+     "failed":  [{...}, ...],   # deliveries that exhausted their retries
+     "next_due": t | null,      # min(due), indexed
+     "pending_since": t | null, # applied time of the oldest pending entry, indexed
+     "nfailed": n}              # len(failed), indexed
+
+A store never interprets `state`; it indexes `next_due`, `pending_since` and
+`nfailed` so that timers and recovery cost O(due), not O(machines).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["Record", "Store", "Write"]
+
+Doc = dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One stored envelope at one revision (`rev` is opaque to the engine)."""
+
+    id: str
+    rev: str
+    doc: Doc
+
+
+@dataclass(frozen=True, slots=True)
+class Write:
+    """Store `doc` under `id` if its revision is still `rev` (None: only if absent).
+
+    `history` holds the history entries (dicts with an int `seq`) of the changes
+    this write commits; a store with `atomic_history` writes them in the same
+    transaction, other stores ignore them (the engine relays them later).
+    """
+
+    id: str
+    rev: str | None
+    doc: Doc
+    history: Sequence[Doc] = field(default=())
+
+
+class Store(ABC):
+    """A database of envelopes with revision-checked writes.
+
+    Every method may raise `StoreUnavailable` after the store's own bounded
+    retries; then nothing of that call was written. Implementations must be
+    safe to call from several threads at once.
+    """
+
+    #: The URL the store was opened with, credentials removed: safe to print.
+    url: str
+    #: True if `put_many` writes `Write.history` atomically with the envelope.
+    atomic_history: bool = False
+
+    @abstractmethod
+    def get_many(self, ids: Sequence[str]) -> dict[str, Record]:
+        """Return the current record of each stored id; unknown ids are absent."""
+
+    def get(self, id: str) -> Record | None:
+        """Return the current record of `id`, or None if it was never stored."""
+        return self.get_many([id]).get(id)
+
+    @abstractmethod
+    def put_many(self, writes: Sequence[Write]) -> list[str | None]:
+        """Write each envelope if its revision still matches.
+
+        Returns, in order, the new revision of each write, or None where the
+        revision did not match (a conflict: that write changed nothing). Writes
+        are independent: one conflict does not undo the others.
+        """
+
+    @abstractmethod
+    def put_history(self, id: str, entries: Sequence[Doc]) -> None:
+        """Record history entries of `id`; idempotent per `(id, entry["seq"])`."""
+
+    @abstractmethod
+    def history(self, id: str, *, after: int = 0, limit: int | None = None) -> list[Doc]:
+        """Return recorded history entries of `id` with seq > `after`, oldest first."""
+
+    @abstractmethod
+    def due(self, now: float, limit: int) -> list[str]:
+        """Ids whose `next_due` <= `now`, soonest first, at most `limit`."""
+
+    @abstractmethod
+    def pending(self, before: float, limit: int) -> list[str]:
+        """Ids whose `pending_since` <= `before`, oldest first, at most `limit`."""
+
+    @abstractmethod
+    def failed(self, limit: int) -> list[str]:
+        """Ids whose envelope holds failed deliveries (`nfailed` > 0)."""
+
+    @abstractmethod
+    def ids(self, *, prefix: str = "", after: str | None = None, limit: int = 1000) -> list[str]:
+        """Stored ids in ascending order, starting with `prefix`, greater than `after`."""
+
+    def close(self) -> None:
+        """Release connections; the store is not used afterwards."""
+        return None
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.url}>"
+
+
+def index_fields(doc: Doc) -> tuple[float | None, float | None, int]:
+    """The indexed fields of an envelope: (next_due, pending_since, nfailed)."""
+    return doc.get("next_due"), doc.get("pending_since"), int(doc.get("nfailed") or 0)
+
+
+def chunks(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
+    """Split `items` into slices of at most `size` (bounded SQL/HTTP requests)."""
+    for start in range(0, len(items), size):
+        yield items[start : start + size]

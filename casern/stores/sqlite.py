@@ -1,0 +1,240 @@
+"""The embedded default store: stdlib sqlite3, one row per machine id.
+
+WAL with `synchronous=NORMAL`: a commit survives a crash of the process (kill -9).
+Add `?synchronous=full` to the URL for power-loss durability at a measured cost.
+One connection guarded by a lock is shared by all threads: correct under
+threads, and SQLite serialises writers anyway. Several processes may share one
+file: writes take the lock with `BEGIN IMMEDIATE` and wait on a busy timeout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+from urllib.parse import parse_qs, unquote, urlsplit
+
+from .._errors import StoreUnavailable
+from .base import Doc, Record, Store, Write, chunks, index_fields
+
+__all__ = ["SQLiteStore"]
+
+T = TypeVar("T")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS machines (
+    id TEXT PRIMARY KEY,
+    rev INTEGER NOT NULL,
+    doc TEXT NOT NULL,
+    next_due REAL,
+    pending_since REAL,
+    nfailed INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS machines_due ON machines (next_due) WHERE next_due IS NOT NULL;
+CREATE INDEX IF NOT EXISTS machines_pending ON machines (pending_since)
+    WHERE pending_since IS NOT NULL;
+CREATE INDEX IF NOT EXISTS machines_failed ON machines (nfailed) WHERE nfailed > 0;
+CREATE TABLE IF NOT EXISTS history (
+    id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    entry TEXT NOT NULL,
+    PRIMARY KEY (id, seq)
+) WITHOUT ROWID;
+"""
+
+_SYNCHRONOUS = {"off", "normal", "full", "extra"}
+_MAX_VARS = 500  # well below SQLITE_MAX_VARIABLE_NUMBER on every build
+
+
+def _dumps(doc: Any) -> str:
+    return json.dumps(doc, ensure_ascii=False, separators=(",", ":"))
+
+
+class SQLiteStore(Store):
+    """Envelopes in one SQLite file (or in memory for `sqlite://`)."""
+
+    atomic_history = True
+
+    def __init__(self, url: str = "sqlite:///casern.db", *, busy_timeout: float = 30.0) -> None:
+        parts = urlsplit(url)
+        if parts.scheme != "sqlite":
+            raise ValueError(f"not an sqlite URL: {url!r}; use sqlite:///relative.db")
+        # sqlite:///rel.db -> path "/rel.db" (relative), sqlite:////abs.db -> "//abs.db".
+        path = unquote(parts.path)
+        if parts.netloc:
+            raise ValueError(
+                f"an sqlite URL has no host: {url!r}; use sqlite:///relative.db or sqlite:////abs.db"
+            )
+        self.path = path[1:] if path else ":memory:"
+        if not self.path:
+            self.path = ":memory:"
+        options = {k: v[-1].lower() for k, v in parse_qs(parts.query).items()}
+        synchronous = options.pop("synchronous", "normal")
+        if synchronous not in _SYNCHRONOUS or options:
+            raise ValueError(
+                f"unknown sqlite URL options in {url!r}: only ?synchronous=normal|full is supported"
+            )
+        self.url = url
+        self._busy_timeout = busy_timeout
+        self._lock = threading.RLock()
+        if self.path != ":memory:":
+            directory = os.path.dirname(os.path.abspath(self.path))
+            if not os.path.isdir(directory):
+                raise StoreUnavailable(
+                    f"cannot open {url}: the folder {directory} does not exist; create it first"
+                )
+        try:
+            self._db = sqlite3.connect(
+                self.path,
+                timeout=busy_timeout,
+                isolation_level=None,  # we issue BEGIN/COMMIT ourselves
+                check_same_thread=False,
+            )
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute(f"PRAGMA synchronous={synchronous.upper()}")
+            self._retry(lambda: self._db.executescript(_SCHEMA))
+        except sqlite3.Error as e:
+            raise StoreUnavailable(f"cannot open {url}: {e}") from e
+
+    # -- plumbing ---------------------------------------------------------------------
+
+    def _retry(self, fn: Callable[[], T]) -> T:
+        """Run `fn`, retrying while another process holds the write lock too long."""
+        deadline = time.monotonic() + self._busy_timeout
+        delay = 0.01
+        while True:
+            try:
+                with self._lock:
+                    return fn()
+            except sqlite3.OperationalError as e:
+                message = str(e)
+                busy = "locked" in message or "busy" in message
+                if not busy or time.monotonic() > deadline:
+                    raise StoreUnavailable(f"{self.url}: {message}") from e
+            except sqlite3.Error as e:
+                raise StoreUnavailable(f"{self.url}: {e}") from e
+            time.sleep(delay * random.uniform(0.5, 1.5))
+            delay = min(delay * 2, 0.5)
+
+    def _transaction(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        def run() -> T:
+            db = self._db
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                result = fn(db)
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+            return result
+
+        return self._retry(run)
+
+    # -- the Store interface ----------------------------------------------------------
+
+    def get_many(self, ids: Sequence[str]) -> dict[str, Record]:
+        found: dict[str, Record] = {}
+        for part in chunks(list(dict.fromkeys(ids)), _MAX_VARS):
+            marks = ",".join("?" * len(part))
+            sql = f"SELECT id, rev, doc FROM machines WHERE id IN ({marks})"
+            rows = self._retry(lambda: self._db.execute(sql, part).fetchall())  # noqa: B023
+            for id, rev, doc in rows:
+                found[id] = Record(id, str(rev), json.loads(doc))
+        return found
+
+    def put_many(self, writes: Sequence[Write]) -> list[str | None]:
+        def run(db: sqlite3.Connection) -> list[str | None]:
+            revs: list[str | None] = []
+            for w in writes:
+                next_due, pending_since, nfailed = index_fields(w.doc)
+                doc = _dumps(w.doc)
+                if w.rev is None:
+                    cur = db.execute(
+                        "INSERT OR IGNORE INTO machines"
+                        " (id, rev, doc, next_due, pending_since, nfailed)"
+                        " VALUES (?, 1, ?, ?, ?, ?)",
+                        (w.id, doc, next_due, pending_since, nfailed),
+                    )
+                    rev = "1"
+                else:
+                    rev = str(int(w.rev) + 1)
+                    cur = db.execute(
+                        "UPDATE machines SET rev = ?, doc = ?, next_due = ?, pending_since = ?,"
+                        " nfailed = ? WHERE id = ? AND rev = ?",
+                        (int(rev), doc, next_due, pending_since, nfailed, w.id, int(w.rev)),
+                    )
+                if cur.rowcount != 1:
+                    revs.append(None)
+                    continue
+                if w.history:
+                    db.executemany(
+                        "INSERT OR IGNORE INTO history (id, seq, entry) VALUES (?, ?, ?)",
+                        [(w.id, h["seq"], _dumps(h)) for h in w.history],
+                    )
+                revs.append(rev)
+            return revs
+
+        return self._transaction(run) if writes else []
+
+    def put_history(self, id: str, entries: Sequence[Doc]) -> None:
+        if not entries:
+            return
+
+        def run(db: sqlite3.Connection) -> None:
+            db.executemany(
+                "INSERT OR IGNORE INTO history (id, seq, entry) VALUES (?, ?, ?)",
+                [(id, h["seq"], _dumps(h)) for h in entries],
+            )
+
+        self._transaction(run)
+
+    def history(self, id: str, *, after: int = 0, limit: int | None = None) -> list[Doc]:
+        sql = "SELECT entry FROM history WHERE id = ? AND seq > ? ORDER BY seq LIMIT ?"
+        args = (id, after, -1 if limit is None else limit)
+        rows = self._retry(lambda: self._db.execute(sql, args).fetchall())
+        return [json.loads(entry) for (entry,) in rows]
+
+    def _ids_where(self, sql: str, args: tuple[Any, ...]) -> list[str]:
+        return [id for (id,) in self._retry(lambda: self._db.execute(sql, args).fetchall())]
+
+    def due(self, now: float, limit: int) -> list[str]:
+        return self._ids_where(
+            "SELECT id FROM machines WHERE next_due IS NOT NULL AND next_due <= ?"
+            " ORDER BY next_due LIMIT ?",
+            (now, limit),
+        )
+
+    def pending(self, before: float, limit: int) -> list[str]:
+        return self._ids_where(
+            "SELECT id FROM machines WHERE pending_since IS NOT NULL AND pending_since <= ?"
+            " ORDER BY pending_since LIMIT ?",
+            (before, limit),
+        )
+
+    def failed(self, limit: int) -> list[str]:
+        return self._ids_where(
+            "SELECT id FROM machines WHERE nfailed > 0 ORDER BY id LIMIT ?", (limit,)
+        )
+
+    def ids(self, *, prefix: str = "", after: str | None = None, limit: int = 1000) -> list[str]:
+        # A range scan on the primary key, not LIKE: prefixes may hold % and _.
+        low = max(prefix, after) if after is not None else prefix
+        op = ">" if after is not None and after >= prefix else ">="
+        sql = f"SELECT id FROM machines WHERE id {op} ? AND id < ? ORDER BY id LIMIT ?"
+        high = prefix + "\U0010ffff" if prefix else "\U0010ffff\U0010ffff"
+        return self._ids_where(sql, (low, high, limit))
+
+    def count(self) -> int:
+        """How many machines are stored (used by `casern migrate` for its progress bar)."""
+        return int(
+            self._retry(lambda: self._db.execute("SELECT count(*) FROM machines").fetchone()[0])
+        )
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
