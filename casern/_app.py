@@ -27,7 +27,7 @@ from apscheduler.schedulers.base import BaseScheduler
 
 from ._backoff import Backoff
 from ._delivery import Dispatcher
-from ._engine import FIRE, MIGRATE, RETRY, SEND, Action, Delivery, Engine, dumps
+from ._engine import FIRE, MIGRATE, RETRY, SEND, Action, Delivery, Engine, dumps, non_str_key
 from ._errors import CasernError, InvalidData, UnknownReducer
 from ._ids import check_id
 from ._types import Listener, Reducer, State, Timer, Upgrade
@@ -146,6 +146,10 @@ class Casern:
             data_json = dumps(data)
         except (TypeError, ValueError) as e:
             raise InvalidData(f"data for {reducer!r} is not JSON: {e}") from None
+        if isinstance(data, dict | list) and (bad := non_str_key(data)) is not None:
+            raise InvalidData(
+                f"data for {reducer!r} has a non-str key {bad!r}; JSON keys are strings"
+            )
         validator = self._validators.get(reducer)
         if validator is not None:
             error = jsonschema.exceptions.best_match(validator.iter_errors(json.loads(data_json)))

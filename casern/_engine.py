@@ -98,23 +98,23 @@ def _normalize(value: Any) -> tuple[str, dict[str, Any]]:
         raise InvalidState(f"the new state is not JSON-serialisable: {e}") from None
     parsed: dict[str, Any] = json.loads(text)
     if parsed != value:
-        bad = _non_str_key(value)
+        bad = non_str_key(value)
         if bad is not None:
             raise InvalidState(f"the new state has a non-str key {bad!r}; JSON keys are strings")
     return text, parsed
 
 
-def _non_str_key(value: Any) -> Any:
+def non_str_key(value: Any) -> Any:
     if isinstance(value, dict):
         for k, v in value.items():
             if not isinstance(k, str):
                 return k
-            bad = _non_str_key(v)
+            bad = non_str_key(v)
             if bad is not None:
                 return bad
     elif isinstance(value, (list, tuple)):
         for v in value:
-            bad = _non_str_key(v)
+            bad = non_str_key(v)
             if bad is not None:
                 return bad
     return None
@@ -350,7 +350,7 @@ class Engine:
                 self.cache.pop(p.id)
                 self._fail(p.actions, e)
             return
-        deliveries: list[Delivery] = []
+        landed: list[_Plan] = []
         for plan, rev in zip(plans, revs, strict=True):
             if rev is None:
                 self.cache.pop(plan.id)
@@ -360,12 +360,16 @@ class Engine:
             self.writes += 1
             assert plan.doc is not None
             self.cache.put(Record(plan.id, rev, plan.doc))
-            deliveries.extend(plan.deliveries)
+            landed.append(plan)
+        # Hand effects over before answering, so that a caller who has its answer
+        # can rely on the listeners being under way (see `Casern.drain`).
+        deliveries = [d for plan in landed for d in plan.deliveries]
+        if deliveries:
+            self.on_commit(deliveries)
+        for plan in landed:
             self._resolve(plan)
             if plan.acked:
                 self.on_acked(plan.id, frozenset(plan.acked))
-        if deliveries:
-            self.on_commit(deliveries)
 
     def _fail(self, actions: Sequence[Action], error: CasernError) -> None:
         for a in actions:

@@ -1,0 +1,232 @@
+"""CONTRACT.md, "Errors": on every error nothing is written and no listener runs."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+
+import casern
+from conftest import inc
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "text": {"type": "string"},
+        "meta": {"type": "object", "properties": {"n": {"type": "integer"}}},
+    },
+    "required": ["text"],
+}
+
+
+@pytest.fixture
+def app(make_app: Any) -> Any:
+    calls: list[Any] = []
+
+    def bad(preferences: Any, state: dict[str, Any], data: Any) -> Any:
+        return BAD_STATES[data]
+
+    def boom(preferences: Any, state: dict[str, Any], data: Any) -> dict[str, Any]:
+        raise LookupError("no such thing")
+
+    app = make_app(
+        {"inc": inc, "bad": bad, "boom": boom, "say": inc},
+        {"spy": lambda change: calls.append(change.seq)},
+        schemas={"say": SCHEMA},
+    )
+    app.send("inc", "a", {"start": True})
+    app.drain(10)
+    app.calls = calls
+    return app
+
+
+def assert_untouched(app: Any) -> None:
+    app.drain(10)
+    assert app.get("a") == {"n": 1, "last": {"start": True}}
+    assert [h["seq"] for h in app.history("a")] == [1]
+    assert app.calls == [1]
+
+
+def test_every_error_is_a_casern_error() -> None:
+    for name in casern.__all__:
+        obj = getattr(casern, name)
+        if isinstance(obj, type) and issubclass(obj, Exception):
+            assert issubclass(obj, casern.CasernError)
+
+
+def test_unknown_reducer_names_the_known_ones(app: Any) -> None:
+    with pytest.raises(casern.UnknownReducer, match="'nope'.*known: bad, boom, inc, say"):
+        app.send("nope", "a")
+    assert_untouched(app)
+
+
+def test_invalid_data_names_the_failing_path(app: Any) -> None:
+    with pytest.raises(casern.InvalidData, match=r"\$\.meta\.n"):
+        app.send("say", "a", {"text": "hi", "meta": {"n": "x"}})
+    with pytest.raises(casern.InvalidData, match="'text' is a required property"):
+        app.send("say", "a", {})
+    assert_untouched(app)
+    assert app.send("say", "a", {"text": "ok"})["n"] == 2
+
+
+def test_data_that_is_not_json_is_invalid_data(app: Any) -> None:
+    for data in ({1, 2}, object(), {"x": math.nan}, {1: "int key"}):
+        with pytest.raises(casern.InvalidData):
+            app.send("inc", "a", data)
+    assert_untouched(app)
+
+
+BAD_STATES: dict[str, Any] = {
+    "None": None,
+    "list": [],
+    "str": "state",
+    "int": 42,
+    "int-key": {1: "int key"},
+    "nested-int-key": {"nested": [{2: "x"}]},
+    "inf": {"nan": math.inf},
+    "set": {"s": {1, 2}},
+    "object": {"o": object()},
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_STATES))
+def test_a_reducer_returning_no_json_object_raises_invalid_state(app: Any, case: str) -> None:
+    with pytest.raises(casern.InvalidState, match="'bad'"):
+        app.send("bad", "a", case)
+    assert_untouched(app)
+
+
+def test_a_reducer_that_raises_gives_reducer_error_with_the_cause(app: Any) -> None:
+    with pytest.raises(casern.ReducerError, match="'boom' raised LookupError") as info:
+        app.send("boom", "a")
+    assert isinstance(info.value.__cause__, LookupError)
+    assert_untouched(app)
+
+
+def test_a_failing_send_does_not_hold_back_the_sends_folded_with_it(make_app: Any) -> None:
+    import threading
+
+    app = make_app({"inc": inc, "boom": lambda p, s, d: 1 / 0})
+    errors: list[BaseException] = []
+
+    def boom() -> None:
+        try:
+            app.send("boom", "a")
+        except casern.ReducerError as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=app.send, args=("inc", "a")) for _ in range(10)]
+    threads += [threading.Thread(target=boom) for _ in range(5)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(errors) == 5 and app.get("a") == {"n": 10}
+
+
+HOSTILE_IDS = [
+    "_design/x",
+    "_local/x",
+    "_all_docs",
+    "../x",
+    "..",
+    "a/b",
+    "a?b",
+    "a#b",
+    "a b",
+    "%2F",
+    "日本語-🙂",
+    "line\nbreak",
+    "tab\there",
+    "x" * 1024,
+    "x" * 5000,
+    "",
+    " ",
+]
+
+
+@pytest.mark.parametrize("hostile", HOSTILE_IDS, ids=lambda s: repr(s[:20]))
+def test_hostile_ids_round_trip_exactly_or_raise_invalid_id(make_app: Any, hostile: str) -> None:
+    app = make_app()
+    try:
+        state = app.send("inc", hostile, {"id": hostile})
+    except casern.InvalidId as e:
+        assert str(e)
+        assert app.ids() == []
+        with pytest.raises(casern.InvalidId):
+            app.get(hostile)
+        return
+    assert state == {"n": 1, "last": {"id": hostile}}
+    assert app.get(hostile) == state
+    assert app.ids() == [hostile]
+    assert app.history(hostile)[0]["data"] == {"id": hostile}
+    # it reached no other document
+    for other in ("x", "a", "b", "design", "_design", "..", "/"):
+        if other != hostile:
+            try:
+                assert app.get(other) is None
+            except casern.InvalidId:
+                pass
+
+
+@pytest.mark.parametrize("bad", [None, 42, b"bytes", ("t",), ""], ids=repr)
+def test_non_str_and_empty_ids_raise_invalid_id(make_app: Any, bad: Any) -> None:
+    app = make_app()
+    with pytest.raises(casern.InvalidId):
+        app.send("inc", bad)
+    assert app.ids() == []
+
+
+def test_ids_that_must_be_refused_are(make_app: Any) -> None:
+    app = make_app()
+    for refused in ("", "x" * 1025, "_design/x", "a\nb", "\x00"):
+        with pytest.raises(casern.InvalidId):
+            app.send("inc", refused)
+
+
+def test_a_state_written_by_newer_code_raises_upgrade_error(make_app: Any) -> None:
+    new = make_app(state_version=3)
+    new.send("inc", "a")
+    old = make_app(state_version=2)
+    with pytest.raises(casern.UpgradeError, match="state_version=3"):
+        old.get("a")
+    with pytest.raises(casern.UpgradeError):
+        old.send("inc", "a")
+    assert new.get("a") == {"n": 1}
+
+
+def test_sqlite_store_in_a_missing_folder_is_store_unavailable(tmp_path: Any) -> None:
+    with pytest.raises(casern.StoreUnavailable, match="does not exist"):
+        casern.Casern(f"sqlite:///{tmp_path}/missing/state.db", {}, {}, {"inc": inc}, {})
+
+
+def test_pathological_contention_is_conflict_error_and_writes_nothing(make_app: Any) -> None:
+    from casern._engine import Engine
+
+    app = make_app()
+    app.send("inc", "a")
+    engine: Engine = app._engine
+    store = engine.store
+    real_put = store.put_many
+    store.put_many = lambda writes: [None for _ in writes]  # type: ignore[method-assign]
+    engine.max_conflicts = 3
+    try:
+        with pytest.raises(casern.ConflictError, match="'a'"):
+            app.send("inc", "a")
+    finally:
+        store.put_many = real_put  # type: ignore[method-assign]
+    assert app.get("a") == {"n": 1}
+
+
+def test_bad_construction_arguments_are_refused_clearly() -> None:
+    with pytest.raises(ValueError, match="no reducer 'tick'"):
+        casern.Casern("sqlite://", {}, {}, {"inc": inc}, {}, timers={"tick": lambda p, s: None})
+    with pytest.raises(TypeError, match="reducer 'x' must be callable"):
+        casern.Casern("sqlite://", {}, {}, {"x": 3}, {})
+    with pytest.raises(ValueError, match="unknown store URL"):
+        casern.Casern("ftp://user:secret@host/db", {}, {}, {}, {})
+    try:
+        casern.Casern("ftp://user:secret@host/db", {}, {}, {}, {})
+    except ValueError as e:
+        assert "secret" not in str(e)
