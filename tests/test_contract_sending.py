@@ -93,7 +93,7 @@ def test_key_is_recorded_only_by_a_send_that_commits(make_app: Any) -> None:
 
 def test_every_committed_change_gets_seq_without_gaps(make_app: Any) -> None:
     app = make_app({"inc": inc, "same": lambda p, s, d: s})
-    for i in range(5):
+    for _ in range(5):
         app.send("inc", "a")
         app.send("same", "a")
     assert [h["seq"] for h in app.history("a")] == [1, 2, 3, 4, 5]
