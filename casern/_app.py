@@ -202,6 +202,7 @@ class Casern:
             if not self._dispatcher.wait_idle(left):
                 return False
             if self._engine.wait_idle(0):  # listeners may have sent more
+                self._engine.flush()  # so failed() and the outbox reflect what ran
                 return True
 
     # -- listener failures --------------------------------------------------------------

@@ -36,7 +36,7 @@ from .stores.base import Doc, Record, Store, Write
 
 log = logging.getLogger("casern")
 
-SEND, FIRE, ACK, RETRY, MIGRATE = "send", "fire", "ack", "retry", "migrate"
+SEND, FIRE, ACK, RETRY, MIGRATE, FLUSH = "send", "fire", "ack", "retry", "migrate", "flush"
 _STOP = object()
 MAX_BATCH = 500
 
@@ -236,10 +236,17 @@ class Engine:
 
     # -- the committer thread -----------------------------------------------------------
 
+    def flush(self) -> None:
+        """Write every deferred acknowledgement now (and wait for it)."""
+        self.submit(Action(FLUSH, "", Future())).result()
+
     def _run(self) -> None:
         stopping = False
         while True:
             batch, stopping = self._take(stopping)
+            flushes = [a for a in batch if a.kind == FLUSH]
+            if flushes:
+                batch = [a for a in batch if a.kind != FLUSH]
             if batch:
                 try:
                     self._process(batch)
@@ -250,7 +257,9 @@ class Engine:
                             a.future.set_exception(
                                 e if isinstance(e, CasernError) else CasernError(repr(e))
                             )
-            elif stopping and not self._retries:
+            for a in flushes:
+                a.future.set_result(None)
+            if not batch and stopping and not self._retries:
                 return
 
     def _take(self, stopping: bool) -> tuple[list[Action], bool]:
@@ -275,14 +284,15 @@ class Engine:
                 break
             batch.append(heapq.heappop(self._retries)[2])
         # Acknowledgements ride along with the next write of their id, or go out
-        # in a sweep once things are quiet for `ack_delay`.
+        # in a sweep once things are quiet for `ack_delay` (or when asked to flush).
+        flush_all = stopping or any(a.kind == FLUSH for a in batch)
         with self._acks_lock:
             if self._acks:
                 ids = {a.id for a in batch}
                 flush = stopping or not batch
                 for id in list(self._acks):
                     seqs, fails, since = self._acks[id]
-                    if id in ids or (flush and now - since >= self.ack_delay) or stopping:
+                    if id in ids or (flush and now - since >= self.ack_delay) or flush_all:
                         del self._acks[id]
                         batch.append(Action(ACK, id, Future(), seqs=frozenset(seqs), failed=fails))
         return batch, stopping
