@@ -38,6 +38,7 @@ log = logging.getLogger("casern")
 
 SEND, FIRE, ACK, RETRY, MIGRATE, FLUSH = "send", "fire", "ack", "retry", "migrate", "flush"
 _STOP = object()
+_WAKE = object()  # recompute the wait: an acknowledgement arrived
 MAX_BATCH = 500
 
 
@@ -217,10 +218,13 @@ class Engine:
     def ack(self, id: str, seq: int, failed: Sequence[Doc] = ()) -> None:
         """Record that every listener of (id, seq) finished; written lazily."""
         with self._acks_lock:
+            wake = not self._acks
             seqs, fails, since = self._acks.get(id, (set(), [], time.monotonic()))
             seqs.add(seq)
             fails.extend(failed)
             self._acks[id] = (seqs, fails, since)
+        if wake:
+            self._queue.put(_WAKE)
 
     def wait_idle(self, timeout: float | None) -> bool:
         """Block until no submitted action is unresolved."""
@@ -271,7 +275,7 @@ class Engine:
             while True:
                 if first is _STOP:
                     stopping = True
-                else:
+                elif first is not _WAKE:
                     batch.append(first)
                 if len(batch) >= MAX_BATCH:
                     break
