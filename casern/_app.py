@@ -99,13 +99,12 @@ class Casern:
         self.tick = tick
         self.redeliver_after = redeliver_after
         self.store: Store = open_store(store) if isinstance(store, str) else store
-        relay_history = history and not self.store.atomic_history
         self._engine = Engine(
             self.store,
             self.preferences,
             self.reducers,
             self.timers,
-            outbox=bool(self.listeners) or relay_history,
+            outbox=bool(self.listeners),
             history=history,
             state_version=state_version,
             upgrade=upgrade,
@@ -122,7 +121,6 @@ class Casern:
             self.services,
             backoff,
             self._queue_send,
-            relay_history=relay_history,
         )
         self._scheduler: BaseScheduler | None = None
         self._closed = False
@@ -230,9 +228,9 @@ class Casern:
         if not self._history:
             raise CasernError("history is off for this app (Casern(..., history=True) keeps it)")
         entries = {e["seq"]: e for e in self.store.history(id)}
-        if not self.store.atomic_history:  # changes whose history is not relayed yet
+        if not self.store.atomic_history:  # the newest changes, still in the envelope
             rec = self.store.get(id)
-            for e in rec.doc.get("pending", ()) if rec else ():
+            for e in rec.doc.get("log", ()) if rec else ():
                 entries.setdefault(e["seq"], e)
         return [{k: entries[s].get(k) for k in _HISTORY_FIELDS} for s in sorted(entries)]
 
@@ -305,7 +303,7 @@ class Casern:
 
     def _recover(self, now: float) -> None:
         """Deliver changes left in the outbox by a process that died."""
-        if not (self.listeners or self._dispatcher.relay_history):
+        if not self.listeners:
             return
         before = now - self.redeliver_after
         ids = self.store.pending(before, 1000)

@@ -50,8 +50,6 @@ class Dispatcher:
         services: Mapping[str, Any],
         backoff: Backoff,
         send: Callable[[str, str, Any, str], Future[Any]],
-        *,
-        relay_history: bool,
     ) -> None:
         self.engine = engine
         self.listeners = dict(listeners)
@@ -59,7 +57,6 @@ class Dispatcher:
         self.services = services
         self.backoff = backoff
         self._send = send
-        self.relay_history = relay_history
         self._lanes: dict[tuple[str, str], deque[_Job]] = {}
         self._inflight: set[tuple[str, int]] = set()
         self._jobs = 0
@@ -186,17 +183,6 @@ class Dispatcher:
             self._lanes.pop((id, name), None)
 
     async def _finish(self, job: _Job) -> None:
-        if self.relay_history:
-            history = {
-                k: job.entry[k] for k in ("seq", "reducer", "data", "key", "applied_at", "version")
-            }
-            for attempt in range(1, 1_000_000):
-                try:
-                    await asyncio.to_thread(self.engine.store.put_history, job.id, [history])
-                    break
-                except Exception as e:  # the store is away: keep the entry, try again later
-                    log.warning("recording history of %r failed (%s); retrying", job.id, e)
-                    await asyncio.sleep(min(30.0, 0.1 * 2**attempt))
         self.engine.ack(job.id, job.entry["seq"], job.failed)
         with self._idle:
             self._jobs -= 1

@@ -82,6 +82,7 @@ class _Plan:
     actions: list[Action]
     results: list[tuple[Action, Any]]  # resolved after the write lands
     history: list[Doc] = field(default_factory=list)
+    flush_log: list[Doc] = field(default_factory=list)  # committed history to move out first
     deliveries: list[Delivery] = field(default_factory=list)
     acked: set[int] = field(default_factory=set)
 
@@ -166,13 +167,17 @@ class Engine:
         cache_size: int = 4096,
         max_conflicts: int = 100,
         ack_delay: float = 0.1,
+        log_chunk: int = 50,
     ) -> None:
         self.store = store
         self.preferences = preferences
         self.reducers = reducers
         self.timers = timers
-        self.outbox = outbox  # write pending entries (listeners, or history relayed later)
+        self.outbox = outbox  # write pending entries for listeners
         self.history = history
+        # A store without atomic history keeps the newest entries in the envelope
+        # (`log`) and moves them out in chunks: one extra write per chunk, not per send.
+        self.log_chunk = 0 if store.atomic_history else log_chunk
         self.state_version = state_version
         self.upgrade = upgrade
         self.on_commit = on_commit
@@ -358,6 +363,11 @@ class Engine:
             return
         writes = [Write(p.id, p.rev, p.doc or {}, p.history) for p in plans]
         try:
+            for p in plans:
+                # Committed entries, written before the envelope drops them: if
+                # that write then conflicts, rewriting them later is harmless.
+                if p.flush_log:
+                    self.store.put_history(p.id, p.flush_log)
             revs = self.store.put_many(writes)
         except CasernError as e:
             for p in plans:
@@ -449,6 +459,9 @@ class Engine:
         due: dict[str, float] = dict(doc.get("due", {}))
         fired: dict[str, float] = dict(doc.get("fired", {}))
         pending: list[Doc] = list(doc.get("pending", ()))
+        log_: list[Doc] = list(doc.get("log", ()))
+        if self.log_chunk and len(log_) >= self.log_chunk:
+            plan.flush_log, log_ = log_, []
         failed: list[Doc] = list(doc.get("failed", ()))
         changed = False  # the state changed: new seq(s)
         meta = False  # something else in the envelope changed
@@ -484,7 +497,7 @@ class Engine:
                 "version": self.state_version,
             }
             if self.history:
-                plan.history.append(record)
+                (log_ if self.log_chunk else plan.history).append(record)
             if self.outbox:
                 entry = dict(record, at=now, prev=json.loads(cur_json), state=json.loads(new_json))
                 pending.append(entry)
@@ -558,7 +571,7 @@ class Engine:
                         plan.results[i] = (a, e)
                 plan.doc = None
                 return _Plan(id, plan.rev, None, actions, plan.results)
-        if not (changed or meta):
+        if not (changed or meta or plan.flush_log):
             return plan
         del keys[: max(0, len(keys) - self.keep_keys)]
         new_doc: Doc = {
@@ -573,6 +586,8 @@ class Engine:
             new_doc["next_due"] = min(due.values())
         if fired:
             new_doc["fired"] = fired
+        if log_:
+            new_doc["log"] = log_
         if pending:
             pending.sort(key=lambda e: e["seq"])
             new_doc["pending"] = pending

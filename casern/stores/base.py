@@ -12,6 +12,7 @@ envelopes with revision-checked writes. The envelope is a JSON object::
      "fired":   {"reducer": t}, # due times already consumed (fire once)
      "pending": [{...}, ...],   # the outbox: changes whose listeners have not all run
      "failed":  [{...}, ...],   # deliveries that exhausted their retries
+     "log":     [{...}, ...],   # newest history entries (stores without atomic history)
      "next_due": t | null,      # min(due), indexed
      "pending_since": t | null, # applied time of the oldest pending entry, indexed
      "nfailed": n}              # len(failed), indexed
