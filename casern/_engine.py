@@ -301,6 +301,8 @@ class Engine:
                 flush = stopping or not batch
                 for id in list(self._acks):
                     seqs, fails, since = self._acks[id]
+                    if id not in ids and len(batch) >= MAX_BATCH:
+                        continue  # keep one write request within one store chunk
                     if id in ids or (flush and now - since >= self.ack_delay) or flush_all:
                         del self._acks[id]
                         batch.append(Action(ACK, id, Future(), seqs=frozenset(seqs), failed=fails))

@@ -5,11 +5,10 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from datetime import timezone
+from datetime import UTC
 from typing import Any
 
 import casern
-from conftest import inc
 
 
 def test_a_listener_gets_the_whole_change_after_the_commit(make_app: Any) -> None:
@@ -25,7 +24,7 @@ def test_a_listener_gets_the_whole_change_after_the_commit(make_app: Any) -> Non
     (c,) = changes
     assert (c.id, c.reducer, c.data, c.key, c.seq) == ("a", "inc", {"text": "hi"}, "k-1", 1)
     assert c.prev == {} and c.state == {"n": 1, "last": {"text": "hi"}}
-    assert c.applied_at.tzinfo is not None and c.applied_at.utcoffset() == timezone.utc.utcoffset(None)
+    assert c.applied_at.tzinfo is not None and c.applied_at.utcoffset() == UTC.utcoffset(None)
     assert abs(c.applied_at.timestamp() - time.time()) < 60
     assert c.preferences["lang"] == "en" and c.services["mailer"] == "the mailer"
     assert stored == [c.state]  # the change was committed before the listener ran
@@ -220,7 +219,9 @@ def test_a_new_app_delivers_what_a_closed_one_left_pending(make_app: Any) -> Non
         release.wait(10)
         raise RuntimeError("interrupted")
 
-    app1 = make_app(listeners={"l": stuck}, backoff=casern.Backoff(attempts=5, initial=5, timeout=30))
+    app1 = make_app(
+        listeners={"l": stuck}, backoff=casern.Backoff(attempts=5, initial=5, timeout=30)
+    )
     app1.send("inc", "a")
     time.sleep(0.2)
     app1.close(timeout=0.1)  # gives up on the running delivery: it stays in the outbox

@@ -146,7 +146,9 @@ def _worker(url: str, seconds: float) -> None:
     app.close()
 
 
-def test_two_worker_processes_fire_each_due_timer_exactly_once(make_app: Any, store_url: str) -> None:
+def test_two_worker_processes_fire_each_due_timer_exactly_once(
+    make_app: Any, store_url: str
+) -> None:
     app = make_app(REDUCERS, timers=TIMERS)
     now = time.time()
     ids = [f"m{i}" for i in range(40)]

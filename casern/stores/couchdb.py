@@ -1,0 +1,568 @@
+"""The CouchDB store: one document per machine, revisions as optimistic locks.
+
+Speaks the plain CouchDB 2.x/3.x HTTP API (tested against Apache CouchDB and
+pouchdb-server) through one thread-safe `httpx.Client`. Machine ids only ever
+travel in JSON bodies (`_all_docs` keys, `_bulk_docs` docs), never in URL
+paths, so no id can reach another document, database or endpoint.
+
+History entries live in a second database, `<dbname>-history`, one document
+per `(id, seq)` with a deterministic id, so rewriting one is harmless.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import re
+import secrets
+import time
+from collections.abc import Sequence
+from typing import Any
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
+
+import httpx
+
+from .._errors import StoreUnavailable
+from .._ids import check_id
+from .base import Doc, Record, Store, Write, chunks
+
+__all__ = ["CouchDBStore"]
+
+log = logging.getLogger("casern.couchdb")
+
+#: Field holding a random token per write, to tell after a transport error
+#: whether that write landed. CouchDB reserves names starting with "_".
+TOKEN = "casern_w"
+
+#: Keys per `_all_docs` request and docs per `_bulk_docs` request.
+CHUNK = 500
+
+# CouchDB database names: a lowercase letter, then [a-z0-9_$()+/-].
+_DB_NAME = re.compile(r"^[a-z][a-z0-9_$()+/-]*$")
+
+# Separates machine id and seq in history ids. Machine ids never contain
+# control characters (see _ids.py), so `id + SEP` is a prefix no other
+# machine's history id can share, and all of one machine's entries form one
+# contiguous `_all_docs` key range.
+_SEP = "\x1f"
+_SEQ_DIGITS = 16
+
+# Errors a retry cannot fix, even when they come with a 5xx status
+# (pouchdb-server answers a whole `_bulk_docs` with 500 doc_validation).
+_PERMANENT = {"doc_validation", "bad_request", "forbidden", "unauthorized", "too_large"}
+
+# The Mango indexes that keep timers and recovery O(due), not O(machines).
+_INDEXES = ("next_due", "pending_since", "nfailed")
+
+# A lower bound below every epoch time. pouchdb-server matches documents
+# *without* the field for a bare `$lte`, so every range query is bounded on
+# both sides; the bound also excludes null.
+_MIN_NUMBER = -1e308
+
+
+def _ddoc(field: str) -> str:
+    return f"casern-{field}"
+
+
+def _history_id(id: str, seq: int) -> str:
+    return f"{id}{_SEP}{seq:0{_SEQ_DIGITS}d}"
+
+
+def _generation(rev: str) -> int:
+    head, _, _ = rev.partition("-")
+    return int(head) if head.isdigit() else 0
+
+
+def _clean(doc: Doc) -> Doc:
+    """The envelope as the engine wrote it: CouchDB's and our own fields removed."""
+    return {k: v for k, v in doc.items() if not k.startswith("_") and k != TOKEN}
+
+
+def _dumps(body: Any) -> bytes:
+    # allow_nan=False: CouchDB cannot store NaN/Infinity; fail here, not there.
+    return json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
+
+
+class _Retry(Exception):
+    """A failure worth retrying (transport error, 5xx); `sent` if it may have landed."""
+
+    def __init__(self, what: str, *, sent: bool) -> None:
+        super().__init__(what)
+        self.what = what
+        self.sent = sent
+
+
+class _MissingDB(Exception):
+    """The database is gone (deleted, or an in-memory server restarted)."""
+
+
+class CouchDBStore(Store):
+    """Envelopes in a CouchDB database, written with `_bulk_docs`.
+
+    `url` is `http(s)://[user:pass@]host:port[/path]/dbname`; the database
+    (and `<dbname>-history`) is created if missing. Every request is retried
+    `retries` times with exponential back-off and jitter on transport errors
+    and 5xx answers, then raises `StoreUnavailable`. `transport` is for tests.
+    """
+
+    atomic_history = False
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        timeout: float = 10.0,
+        retries: int = 5,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        parts = urlsplit(url)
+        try:
+            port = parts.port
+        except ValueError:
+            port = -1
+        if port == -1:
+            # Raised outside the except block: the parser's message may quote
+            # part of the password (an unescaped "/" or "#" in it moves the
+            # rest into the port), so not even __context__ may hold it.
+            raise ValueError(
+                "cannot parse the CouchDB store URL (percent-encode special characters"
+                " in the user name and password)"
+            )
+        user = unquote(parts.username or "")
+        password = unquote(parts.password or "")
+        host = parts.hostname or ""
+        netloc = f"[{host}]" if ":" in host else host
+        if port is not None:
+            netloc = f"{netloc}:{port}"
+        redacted = netloc if parts.username is None else f"***@{netloc}"
+        # Never put the raw URL into a message: it may hold the password.
+        self._secrets = [s for s in (parts.netloc.rpartition("@")[0], password) if len(s) >= 4]
+        segments = parts.path.rstrip("/").split("/")
+        dbname = unquote(segments[-1]) if len(segments) > 1 else ""
+        self.url = urlunsplit((parts.scheme, redacted, parts.path, "", ""))
+        if parts.scheme not in ("http", "https") or not host:
+            raise ValueError(
+                f"a CouchDB store URL looks like http://user:pass@host:5984/dbname, not {self.url}"
+            )
+        if not _DB_NAME.match(dbname):
+            raise ValueError(
+                f"{dbname!r} is not a CouchDB database name"
+                f" (a lowercase letter, then a-z 0-9 _$()+/-): {self.url}"
+            )
+        self._db = "/" + quote(dbname, safe="")
+        self._hdb = "/" + quote(dbname + "-history", safe="")
+        self._retries = max(0, retries)
+        base = urlunsplit((parts.scheme, netloc, "/".join(segments[:-1]), "", ""))
+        self._client = httpx.Client(
+            base_url=base,
+            auth=(user, password) if parts.username is not None else None,
+            headers={"Accept": "application/json", "Content-Type": "application/json"},
+            timeout=httpx.Timeout(timeout, connect=min(timeout, 5.0)),
+            transport=transport,
+        )
+        try:
+            welcome = self._call("GET", "/")
+            # _all_docs orders ids by code point on CouchDB, by UTF-16 code
+            # unit on pouchdb-server, which also silently stops at U+00FF
+            # when no endkey is given: so always send the highest key there is.
+            pouch = isinstance(welcome, dict) and "express-pouchdb" in welcome
+            self._high = "\uffff" if pouch else "\U0010ffff"
+            self._create(self._db)
+        except BaseException:
+            self._client.close()
+            raise
+
+    # -- the Store interface ------------------------------------------------
+
+    def get_many(self, ids: Sequence[str]) -> dict[str, Record]:
+        """POST `_all_docs?include_docs=true` with the keys: no id ever in a path."""
+        for id in ids:
+            check_id(id)  # "_design/x" would read a design document
+        found: dict[str, Record] = {}
+        for part in chunks(list(dict.fromkeys(ids)), CHUNK):
+            for row in self._rows(self._db, list(part)):
+                doc = row.get("doc")
+                if isinstance(doc, dict):  # missing: error row; deleted: doc null
+                    found[row["id"]] = Record(row["id"], doc["_rev"], _clean(doc))
+        return found
+
+    def put_many(self, writes: Sequence[Write]) -> list[str | None]:
+        """One `_bulk_docs` per chunk; a retried chunk never applies a write twice."""
+        for w in writes:
+            check_id(w.id)  # "_design/x" in _bulk_docs would create a design doc
+        results: list[str | None] = [None] * len(writes)
+        for start in range(0, len(writes), CHUNK):
+            part = writes[start : start + CHUNK]
+            results[start : start + len(part)] = self._put_chunk(part)
+        return results
+
+    def put_history(self, id: str, entries: Sequence[Doc]) -> None:
+        """Create one document per entry; one that exists already is a success."""
+        check_id(id)
+        docs = []
+        for entry in entries:
+            seq = entry["seq"]
+            if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
+                raise ValueError(f"a history entry needs an int seq >= 0, not {seq!r}")
+            docs.append({**_clean(entry), "_id": _history_id(id, seq)})
+        for part in chunks(docs, CHUNK):
+            # Creates without _rev: a resend after a lost answer just conflicts.
+            rows = self._call("POST", self._hdb + "/_bulk_docs", {"docs": list(part)}, db=self._hdb)
+            for row in rows:
+                if "error" in row and row["error"] != "conflict":
+                    raise self._refused(row)
+
+    def history(self, id: str, *, after: int = 0, limit: int | None = None) -> list[Doc]:
+        """Read the machine's contiguous key range of the history database."""
+        check_id(id)
+        start, skip = _history_id(id, max(after, -1) + 1), None
+        end = f"{id}{_SEP}:"  # ":" sorts after every digit
+        out: list[Doc] = []
+        while limit is None or len(out) < limit:
+            page = (1000 if limit is None else min(1000, limit - len(out))) + (skip is not None)
+            params = {
+                "startkey": json.dumps(start),
+                "endkey": json.dumps(end),
+                "include_docs": "true",
+                "limit": str(page),
+            }
+            rows = self._call("GET", self._hdb + "/_all_docs", params=params, db=self._hdb)["rows"]
+            out.extend(
+                _clean(r["doc"]) for r in rows if r["id"] != skip and isinstance(r.get("doc"), dict)
+            )
+            if len(rows) < page:
+                break
+            start = skip = rows[-1]["id"]
+        return out
+
+    def due(self, now: float, limit: int) -> list[str]:
+        return self._find("next_due", {"$gte": _MIN_NUMBER, "$lte": now}, limit)
+
+    def pending(self, before: float, limit: int) -> list[str]:
+        return self._find("pending_since", {"$gte": _MIN_NUMBER, "$lte": before}, limit)
+
+    def failed(self, limit: int) -> list[str]:
+        # `$gte: 1`, not `$gt: 0`: pouchdb-server turns `$gt` into an inclusive
+        # start key, applies `limit`, and only then drops the equal rows.
+        return self._find("nfailed", {"$gte": 1}, limit, sort=False)
+
+    def ids(self, *, prefix: str = "", after: str | None = None, limit: int = 1000) -> list[str]:
+        """Page `_all_docs` from max(prefix, after), skipping design documents."""
+        start, skip = prefix, None
+        if after is not None and self._order(after) >= self._order(prefix):
+            start, skip = after, after
+        out: list[str] = []
+        while len(out) < limit:
+            page = min(1000, limit - len(out)) + 1
+            params = {
+                "startkey": json.dumps(start),
+                "endkey": json.dumps(prefix + self._high),
+                "limit": str(page),
+            }
+            rows = self._call("GET", self._db + "/_all_docs", params=params, db=self._db)["rows"]
+            for row in rows:
+                id = row["id"]
+                if id == skip or id.startswith("_"):  # _design/ documents hold our indexes
+                    continue
+                if not id.startswith(prefix):  # the prefix range is contiguous
+                    return out
+                out.append(id)
+                if len(out) == limit:
+                    return out
+            if len(rows) < page:
+                break
+            start = skip = rows[-1]["id"]
+        return out
+
+    def close(self) -> None:
+        self._client.close()
+
+    # -- writes ---------------------------------------------------------------
+
+    def _put_chunk(self, writes: Sequence[Write]) -> list[str | None]:
+        """Send one `_bulk_docs`, retrying only writes that provably did not land.
+
+        After a transport error or 5xx the request may or may not have been
+        applied. Every doc carries a fresh random token, so before resending we
+        re-read the docs: a doc holding our token (now, or in the revision
+        right after the one we wrote against) is our write, landed.
+        """
+        tokens = [secrets.token_hex(8) for _ in writes]
+        results: list[str | None] = [None] * len(writes)
+        todo = list(range(len(writes)))
+        check = False
+        failure = ""
+        for attempt in range(self._retries + 1):
+            if attempt:
+                self._pause(attempt, failure)
+            try:
+                if check:
+                    todo = self._reconcile(writes, tokens, todo, results)
+                    check = False
+                    if not todo:
+                        return results
+                docs = []
+                for i in todo:
+                    w = writes[i]
+                    body = {**_clean(w.doc), TOKEN: tokens[i], "_id": w.id}
+                    if w.rev is not None:
+                        body["_rev"] = w.rev
+                    docs.append(body)
+                rows = self._once("POST", self._db + "/_bulk_docs", {"docs": docs})
+            except _Retry as exc:
+                failure, check = exc.what, check or exc.sent
+                continue
+            except _MissingDB:
+                self._create(self._db)
+                failure = "the database was missing and has been created again"
+                continue
+            errors = []
+            for i, row in zip(todo, rows, strict=True):
+                if "error" not in row:
+                    results[i] = row["rev"]
+                elif row["error"] != "conflict":
+                    errors.append(row)
+            if errors:
+                raise self._refused(errors[0], more=len(errors) - 1)
+            return results
+        raise self._unavailable(failure)
+
+    def _reconcile(
+        self,
+        writes: Sequence[Write],
+        tokens: list[str],
+        todo: list[int],
+        results: list[str | None],
+    ) -> list[int]:
+        """Settle writes that landed (their rev into `results`); return the rest."""
+        current = {}
+        for row in self._rows_once(self._db, [writes[i].id for i in todo]):
+            if isinstance(row.get("doc"), dict):
+                current[row["id"]] = row["doc"]
+        rest, unsure = [], []
+        for i in todo:
+            w, doc = writes[i], current.get(writes[i].id)
+            if doc is not None and doc.get(TOKEN) == tokens[i]:
+                results[i] = doc["_rev"]
+            elif (doc is None and w.rev is None) or (doc is not None and doc["_rev"] == w.rev):
+                rest.append(i)  # untouched: ours did not land, send it again
+            elif w.rev is not None and doc is None:
+                results[i] = None  # deleted meanwhile: ours cannot land any more
+            else:
+                unsure.append(i)
+        if unsure:
+            self._trace(writes, tokens, unsure, results)
+        return rest
+
+    def _trace(
+        self,
+        writes: Sequence[Write],
+        tokens: list[str],
+        unsure: list[int],
+        results: list[str | None],
+    ) -> None:
+        """Decide writes whose doc moved on: did ours land first, then get overwritten?
+
+        Reads the revision path of the current leaf and the body of the
+        revision right after the one each write was based on.
+        """
+        query = [{"id": writes[i].id} for i in unsure]
+        paths: dict[str, list[str]] = {}
+        for res in self._once(
+            "POST", self._db + "/_bulk_get", {"docs": query}, params={"revs": "true"}
+        )["results"]:
+            for got in res.get("docs", []):
+                doc = got.get("ok")
+                if isinstance(doc, dict) and "_revisions" in doc:
+                    revs = doc["_revisions"]
+                    start = int(revs["start"])
+                    paths[res["id"]] = [f"{start - n}-{h}" for n, h in enumerate(revs["ids"])]
+        wanted: dict[int, str] = {}
+        for i in unsure:
+            w = writes[i]
+            path = paths.get(w.id, [])
+            gen = _generation(w.rev) if w.rev is not None else 0
+            # Our write, had it landed, is the child of w.rev on the winning path.
+            after = [r for r in path if _generation(r) == gen + 1]
+            based = w.rev is None or w.rev in path
+            if after and based:
+                wanted[i] = after[0]
+            else:
+                results[i] = None  # a conflict: ours never became part of this path
+        if not wanted:
+            return
+        query = [{"id": writes[i].id, "rev": rev} for i, rev in wanted.items()]
+        bodies: dict[tuple[str, str], Doc] = {}
+        for res in self._once("POST", self._db + "/_bulk_get", {"docs": query})["results"]:
+            for got in res.get("docs", []):
+                doc = got.get("ok")
+                if isinstance(doc, dict):
+                    bodies[(res["id"], doc["_rev"])] = doc
+        for i, rev in wanted.items():
+            body = bodies.get((writes[i].id, rev))
+            if body is None:
+                # Compacted away: we cannot tell, and guessing either way could
+                # lose or double an update. Say so rather than guess.
+                raise StoreUnavailable(
+                    f"the outcome of a write to {writes[i].id!r:.80} on {self.url} is unknown "
+                    "(the connection failed while it was sent); check that document"
+                )
+            results[i] = rev if body.get(TOKEN) == tokens[i] else None
+
+    # -- reads ----------------------------------------------------------------
+
+    def _rows(self, db: str, keys: list[str]) -> list[dict[str, Any]]:
+        body = {"keys": keys}
+        rows: list[dict[str, Any]] = self._call(
+            "POST", db + "/_all_docs", body, params={"include_docs": "true"}, db=db
+        )["rows"]
+        return rows
+
+    def _rows_once(self, db: str, keys: list[str]) -> list[dict[str, Any]]:
+        rows: list[dict[str, Any]] = self._once(
+            "POST", db + "/_all_docs", {"keys": keys}, params={"include_docs": "true"}
+        )["rows"]
+        return rows
+
+    def _find(
+        self, field: str, cond: dict[str, Any], limit: int, *, sort: bool = True
+    ) -> list[str]:
+        """Mango query on one indexed envelope field; ids only."""
+        if limit <= 0:
+            return []
+        query: dict[str, Any] = {
+            "selector": {field: cond},
+            "fields": ["_id"],
+            "limit": limit,
+            "use_index": [_ddoc(field), field],
+        }
+        if sort:
+            query["sort"] = [{field: "asc"}]
+        docs = self._call("POST", self._db + "/_find", query, db=self._db)["docs"]
+        return [d["_id"] for d in docs]
+
+    def _order(self, key: str) -> bytes:
+        """The server's `_all_docs` order for a key (see `self._high`)."""
+        return key.encode("utf-16-be" if self._high == "\uffff" else "utf-8", "surrogatepass")
+
+    # -- HTTP -----------------------------------------------------------------
+
+    def _create(self, db: str) -> None:
+        """Create a database (412: it exists, fine) and, for envelopes, its indexes."""
+        self._call("PUT", db, expect=(412,))
+        if db == self._db:
+            for field in _INDEXES:
+                index = {
+                    "index": {"fields": [field]},
+                    "ddoc": _ddoc(field),
+                    "name": field,
+                    "type": "json",
+                }
+                self._call("POST", db + "/_index", index)
+
+    def _call(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        *,
+        params: dict[str, str] | None = None,
+        db: str | None = None,
+        expect: tuple[int, ...] = (),
+    ) -> Any:
+        """One idempotent request, retried with back-off; the JSON answer."""
+        failure = ""
+        for attempt in range(self._retries + 1):
+            if attempt:
+                self._pause(attempt, failure)
+            try:
+                return self._once(method, path, body, params=params, expect=expect)
+            except _Retry as exc:
+                failure = exc.what
+            except _MissingDB:
+                if db is None:
+                    raise StoreUnavailable(
+                        f"CouchDB at {self.url} answered 404 to {method} {path}"
+                    ) from None
+                self._create(db)
+                failure = "the database was missing and has been created again"
+        raise self._unavailable(failure)
+
+    def _once(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        *,
+        params: dict[str, str] | None = None,
+        expect: tuple[int, ...] = (),
+    ) -> Any:
+        """One request, no retry: JSON, or `_Retry` / `_MissingDB` / `StoreUnavailable`."""
+        try:
+            resp = self._client.request(
+                method,
+                path,
+                content=None if body is None else _dumps(body),
+                params=params,
+            )
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            raise _Retry(self._scrub(f"{type(exc).__name__}: {exc}"), sent=False) from None
+        except httpx.TransportError as exc:
+            # Sent, maybe applied, answer lost (ReadError, ReadTimeout ...).
+            raise _Retry(self._scrub(f"{type(exc).__name__}: {exc}"), sent=True) from None
+        status = resp.status_code
+        if status < 400 or status in expect:
+            try:
+                return resp.json()
+            except ValueError:
+                raise _Retry(f"a non-JSON answer ({status})", sent=True) from None
+        try:
+            err = resp.json()
+        except ValueError:
+            err = {}
+        if not isinstance(err, dict):
+            err = {}
+        if status == 404 and path != "/":
+            # Every path we use is a database endpoint: 404 means no database
+            # (CouchDB: "Database does not exist.", pouchdb-server: "no_db_file").
+            raise _MissingDB()
+        if status >= 500 and err.get("error") not in _PERMANENT:
+            raise _Retry(f"HTTP {status} {err.get('error', '')}".strip(), sent=True)
+        raise self._refused(err, status=status)
+
+    def _pause(self, attempt: int, failure: str) -> None:
+        delay = min(5.0, 0.1 * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
+        log.debug("CouchDB at %s: %s; retry %d in %.2fs", self.url, failure, attempt, delay)
+        time.sleep(delay)
+
+    def _unavailable(self, failure: str) -> StoreUnavailable:
+        return StoreUnavailable(
+            f"CouchDB at {self.url} cannot be reached ({failure})"
+            f" after {self._retries + 1} attempts; "
+            "check that the server is running and that the store URL is right"
+        )
+
+    def _refused(
+        self, err: dict[str, Any], *, status: int | None = None, more: int = 0
+    ) -> StoreUnavailable:
+        """A refusal a retry cannot fix: bad credentials, no permission, a rejected doc."""
+        error, reason = (
+            str(err.get("error", "")),
+            self._scrub(str(err.get("reason", ""))),
+        )
+        what = f"{status} {error}" if status else error
+        doc = f" document {err['id']!r:.80}" if "id" in err else ""
+        also = f" (and {more} more)" if more else ""
+        hint = ""
+        if error in ("unauthorized", "forbidden") or status in (401, 403):
+            hint = (
+                "; check the user name and password in the store URL"
+                " and that user's rights on the database"
+            )
+        return StoreUnavailable(f"CouchDB at {self.url} refused{doc}{also}: {what}: {reason}{hint}")
+
+    def _scrub(self, text: str) -> str:
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
+        return text
