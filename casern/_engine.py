@@ -168,6 +168,7 @@ class Engine:
         max_conflicts: int = 100,
         ack_delay: float = 0.1,
         log_chunk: int = 50,
+        redeliver_after: float | None = None,
     ) -> None:
         self.store = store
         self.preferences = preferences
@@ -185,6 +186,7 @@ class Engine:
         self.keep_keys = keep_keys
         self.max_conflicts = max_conflicts
         self.ack_delay = ack_delay
+        self.redeliver_after = redeliver_after
         self.cache = _LRU(cache_size)
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._retries: list[tuple[float, int, Action]] = []
@@ -573,6 +575,17 @@ class Engine:
                         plan.results[i] = (a, e)
                 plan.doc = None
                 return _Plan(id, plan.rev, None, actions, plan.results)
+        if changed and self.redeliver_after is not None and plan.deliveries:
+            # Entries left pending by a process that died go first, so this id's
+            # listeners still run in seq order (the dispatcher skips those in flight).
+            ours = {d.entry["seq"] for d in plan.deliveries}
+            cutoff = time.time() - self.redeliver_after
+            stale = [
+                Delivery(id, e)
+                for e in pending
+                if e["seq"] not in ours and e["seq"] < max(ours) and e["at"] <= cutoff
+            ]
+            plan.deliveries[:0] = sorted(stale, key=lambda d: d.entry["seq"])
         if not (changed or meta or plan.flush_log):
             return plan
         del keys[: max(0, len(keys) - self.keep_keys)]
