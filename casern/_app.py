@@ -112,6 +112,7 @@ class Casern:
             on_acked=self._on_acked,
             keep_keys=keep_keys,
             cache_size=cache_size,
+            redeliver_after=redeliver_after,
         )
         self._history = history
         self._dispatcher = Dispatcher(
@@ -124,6 +125,24 @@ class Casern:
         )
         self._scheduler: BaseScheduler | None = None
         self._closed = False
+        self._options: dict[str, Any] = {
+            "schemas": schemas,
+            "timers": timers,
+            "state_version": state_version,
+            "upgrade": upgrade,
+            "backoff": backoff,
+            "tick": tick,
+            "history": history,
+            "redeliver_after": redeliver_after,
+            "keep_keys": keep_keys,
+            "cache_size": cache_size,
+        }
+
+    def with_store(self, store: str | Store) -> Casern:
+        """A new app with the same reducers, listeners, services and options on another store."""
+        return Casern(
+            store, self.preferences, self.services, self.reducers, self.listeners, **self._options
+        )
 
     def __repr__(self) -> str:
         return f"<Casern {self.store.url} reducers={sorted(self.reducers)}>"

@@ -1,0 +1,513 @@
+"""The `casern` command line, run for real: in-process with click's CliRunner, and as the
+installed console script in subprocesses (send, show, history, ls, failed, retry,
+migrate, worker with SIGTERM, errors).
+
+The app under test is a module written into tmp_path; its factory accepts `store=`,
+and the tests pass the store with `--store`, so every test runs on every store.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner, Result
+
+import casern
+from casern._cli import cli, load_app
+
+TEST_APP = '''
+import os
+import pathlib
+
+import casern
+
+HERE = pathlib.Path(__file__).parent
+STORE = {store!r}
+
+
+def inc(preferences, state, data):
+    state["n"] = state.get("n", 0) + 1
+    if data is not None:
+        state["last"] = data
+    return state
+
+
+def arm(preferences, state, data):
+    state["wake_at"] = data["at"]
+    return state
+
+
+def wake(preferences, state, data):
+    state["woke_at"] = data["now"]
+    return state
+
+
+def wake_due(preferences, state):
+    return None if "woke_at" in state or "wake_at" not in state else state["wake_at"]
+
+
+def record(change):
+    """Fails while fail.flag exists; otherwise notes the change in listened.txt."""
+    if (HERE / "fail.flag").exists():
+        raise RuntimeError("listener exploded")
+    with open(HERE / "listened.txt", "a") as f:
+        f.write(f"{{change.id}} {{change.seq}}\\n")
+
+
+def upgrade(preferences, old_version, state):
+    return {{**state, "upgraded_from": old_version}}
+
+
+def make_app(store=STORE):
+    return casern.Casern(
+        store,
+        {{}},
+        {{}},
+        {{"inc": inc, "arm": arm, "wake": wake}},
+        {{"record": record}},
+        timers={{"wake": wake_due}},
+        state_version=int(os.environ.get("CLI_TEST_VERSION", "1")),
+        upgrade=upgrade,
+        backoff=casern.Backoff(attempts=2, initial=0.01, maximum=0.02, timeout=5),
+        tick=0.1,
+    )
+'''
+
+
+def casern_script() -> str:
+    """The installed console script, beside this Python."""
+    path = Path(sys.executable).parent / "casern"
+    found = str(path) if path.exists() else shutil.which("casern")
+    assert found, "the casern console script is not installed (pip install -e .)"
+    return found
+
+
+class CLIApp:
+    """A test app module in its own directory, and ways to run the CLI on it."""
+
+    def __init__(self, root: Path, store: str) -> None:
+        self.root = root
+        self.store = store
+        self.module = f"cliapp_{uuid.uuid4().hex[:10]}"
+        (root / f"{self.module}.py").write_text(TEST_APP.format(store=store))
+        self.ref = f"{self.module}:make_app"
+
+    def invoke(
+        self, *args: str, env: dict[str, str] | None = None, input: str | None = None
+    ) -> Result:
+        """Run the CLI in this process (click's CliRunner)."""
+        runner = CliRunner()
+        return runner.invoke(
+            cli, ["--app", self.ref, "--store", self.store, *args], env=env, input=input
+        )
+
+    def run(
+        self, *args: str, env: dict[str, str] | None = None, app: bool = True, timeout: float = 60
+    ) -> subprocess.CompletedProcess[str]:
+        """Run the installed console script in a subprocess, in the module's directory."""
+        prefix = ["--app", self.ref, "--store", self.store] if app else []
+        return subprocess.run(
+            [casern_script(), *prefix, *args],
+            cwd=self.root,
+            env=self.env(env),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+
+    def env(self, extra: dict[str, str] | None = None) -> dict[str, str]:
+        env = {**os.environ, "PYTHONPATH": str(self.root), **(extra or {})}
+        env.pop("CASERN_APP", None)
+        return env
+
+    def listened(self) -> list[str]:
+        path = self.root / "listened.txt"
+        return path.read_text().split() if path.exists() else []
+
+    def make(self) -> casern.Casern:
+        """The same app, opened directly (to set up or check what the CLI did)."""
+        return load_app(self.ref, self.store)
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging() -> Iterator[None]:
+    """The CLI configures the casern logger; give the rest of the suite its own back."""
+    saved = {
+        name: (logging.getLogger(name).level, list(logging.getLogger(name).handlers))
+        for name in ("casern", "apscheduler")
+    }
+    yield
+    for name, (level, handlers) in saved.items():
+        logging.getLogger(name).setLevel(level)
+        logging.getLogger(name).handlers[:] = handlers
+
+
+@pytest.fixture
+def cli_app(tmp_path: Path, store_url: str, monkeypatch: pytest.MonkeyPatch) -> CLIApp:
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delenv("CASERN_APP", raising=False)
+    monkeypatch.delenv("CASERN_STORE", raising=False)
+    return CLIApp(tmp_path, store_url)
+
+
+@pytest.fixture
+def opened(cli_app: CLIApp) -> Iterator[Callable[[], casern.Casern]]:
+    """Open the app directly; every app opened this way is closed at the end."""
+    apps: list[casern.Casern] = []
+
+    def open_() -> casern.Casern:
+        apps.append(cli_app.make())
+        return apps[-1]
+
+    yield open_
+    for app in apps:
+        app.close()
+
+
+def assert_one_line_error(stderr: str, *fragments: str) -> None:
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith("casern: error: "), stderr
+    assert "Traceback" not in stderr
+    for fragment in fragments:
+        assert fragment in lines[0], stderr
+
+
+# -- in process (CliRunner) -------------------------------------------------------------
+
+
+def test_send_prints_the_committed_state_and_runs_listeners_before_exiting(
+    cli_app: CLIApp,
+) -> None:
+    result = cli_app.invoke("send", "inc", "cart-1", '{"sku": "A-1", "qty": 2}')
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout) == {"n": 1, "last": {"sku": "A-1", "qty": 2}}
+    assert "\n" not in result.stdout.strip()  # compact when not on a terminal
+    assert cli_app.listened() == ["cart-1", "1"]
+
+    result = cli_app.invoke("send", "inc", "cart-1")
+    assert json.loads(result.stdout) == {"n": 2, "last": {"sku": "A-1", "qty": 2}}
+
+
+def test_send_reads_json_from_stdin_and_honours_the_idempotency_key(cli_app: CLIApp) -> None:
+    first = cli_app.invoke("send", "inc", "x", "-", "--key", "k1", input="[1, 2]")
+    again = cli_app.invoke("send", "inc", "x", "-", "--key", "k1", input="[1, 2]")
+    assert first.exit_code == again.exit_code == 0, first.output + again.output
+    assert json.loads(first.stdout) == json.loads(again.stdout) == {"n": 1, "last": [1, 2]}
+
+
+def test_send_refuses_bad_json_with_a_usage_error(cli_app: CLIApp) -> None:
+    result = cli_app.invoke("send", "inc", "x", "{qty: 2}")
+    assert result.exit_code == 2
+    assert_one_line_error(result.stderr, "not valid JSON", "casern send --help")
+    assert cli_app.invoke("show", "x").exit_code == 1  # nothing was written
+
+
+def test_show_prints_the_state_and_exits_1_for_an_unknown_id(cli_app: CLIApp) -> None:
+    cli_app.invoke("send", "inc", "order/17 ü", '"hi"')
+    result = cli_app.invoke("show", "order/17 ü")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout) == {"n": 1, "last": "hi"}
+
+    result = cli_app.invoke("show", "order-18")
+    assert result.exit_code == 1
+    assert result.stdout == ""
+    assert_one_line_error(result.stderr, "no machine 'order-18'", "casern ls")
+
+
+def test_history_lists_every_change_oldest_first(cli_app: CLIApp) -> None:
+    for n in range(3):
+        cli_app.invoke("send", "inc", "h", json.dumps({"n": n}))
+    result = cli_app.invoke("history", "h")
+    assert result.exit_code == 0, result.output
+    entries = json.loads(result.stdout)
+    assert [e["seq"] for e in entries] == [1, 2, 3]
+    assert [e["data"] for e in entries] == [{"n": 0}, {"n": 1}, {"n": 2}]
+    assert {e["reducer"] for e in entries} == {"inc"}
+    assert all(e["applied_at"] and e["version"] == 1 for e in entries)
+
+    unknown = cli_app.invoke("history", "nope")
+    assert unknown.exit_code == 1
+    assert_one_line_error(unknown.stderr, "no machine 'nope'")
+
+
+def test_ls_pages_through_every_id_with_prefix_and_limit(
+    cli_app: CLIApp, opened: Callable[[], casern.Casern]
+) -> None:
+    app = opened()
+    ids = [f"a-{i:04d}" for i in range(1203)] + ["b-1", "b-2"]
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda id: app.send("inc", id), ids))
+    app.close()
+
+    result = cli_app.invoke("ls")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines() == sorted(ids)  # more than one page of 1,000
+    assert cli_app.invoke("ls", "--prefix", "b-").stdout.splitlines() == ["b-1", "b-2"]
+    limited = cli_app.invoke("ls", "--prefix", "a-", "--limit", "1001").stdout.splitlines()
+    assert limited == sorted(ids)[:1001]
+    after = cli_app.invoke("ls", "--after", "a-1201").stdout.splitlines()
+    assert after == ["a-1202", "b-1", "b-2"]
+
+
+def test_failed_lists_exhausted_deliveries_and_retry_requeues_them(cli_app: CLIApp) -> None:
+    assert cli_app.invoke("failed").stdout.strip() == "No failed deliveries."
+    (cli_app.root / "fail.flag").touch()
+    cli_app.invoke("send", "inc", "f1")
+    cli_app.invoke("send", "inc", "f2")
+
+    table = cli_app.invoke("failed")
+    assert table.exit_code == 0, table.output
+    lines = table.stdout.splitlines()
+    assert lines[0].split() == ["ID", "SEQ", "LISTENER", "ATTEMPTS", "ERROR"]
+    assert [line.split()[:4] for line in lines[1:]] == [
+        ["f1", "1", "record", "2"],
+        ["f2", "1", "record", "2"],
+    ]
+    assert "RuntimeError: listener exploded" in lines[1]
+    rows = json.loads(cli_app.invoke("failed", "--json").stdout)
+    assert [(r["id"], r["seq"], r["listener"], r["attempts"]) for r in rows] == [
+        ("f1", 1, "record", 2),
+        ("f2", 1, "record", 2),
+    ]
+
+    (cli_app.root / "fail.flag").unlink()  # the cause is fixed
+    result = cli_app.invoke("retry", "f1")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == "1 failed delivery re-queued"
+    assert cli_app.listened() == ["f1", "1"]
+    assert [r["id"] for r in json.loads(cli_app.invoke("failed", "--json").stdout)] == ["f2"]
+    assert cli_app.invoke("retry").stdout.strip() == "1 failed delivery re-queued"
+    assert json.loads(cli_app.invoke("failed", "--json").stdout) == []
+    assert cli_app.invoke("retry").stdout.strip() == "0 failed deliveries re-queued"
+
+
+def test_migrate_upgrades_every_stored_state(
+    cli_app: CLIApp, opened: Callable[[], casern.Casern]
+) -> None:
+    app = opened()
+    for i in range(5):
+        app.send("inc", f"m{i}")
+    app.close()
+
+    result = cli_app.invoke("migrate", "--batch", "2", env={"CLI_TEST_VERSION": "2"})
+    assert result.exit_code == 0, result.output
+    assert "Migrating" in result.stderr
+    assert result.stdout.strip() == "5 of 5 stored state(s) upgraded to state_version 2"
+    shown = cli_app.invoke("show", "m3", env={"CLI_TEST_VERSION": "2"})
+    assert json.loads(shown.stdout) == {"n": 1, "upgraded_from": 1}
+
+    again = cli_app.invoke("migrate", env={"CLI_TEST_VERSION": "2"})
+    assert again.stdout.strip() == "0 of 5 stored state(s) upgraded to state_version 2"
+
+
+def test_worker_once_fires_due_timers(cli_app: CLIApp) -> None:
+    cli_app.invoke("send", "arm", "t1", json.dumps({"at": time.time() - 1}))
+    result = cli_app.invoke("worker", "--once")
+    assert result.exit_code == 0, result.output
+    assert "fired 1 due timer(s)" in result.stderr
+    assert "woke_at" in json.loads(cli_app.invoke("show", "t1").stdout)
+
+
+def test_app_may_be_an_instance_or_come_from_the_environment(
+    cli_app: CLIApp, tmp_path: Path
+) -> None:
+    module = f"cliinstance_{uuid.uuid4().hex[:8]}"
+    (tmp_path / f"{module}.py").write_text(
+        f"from {cli_app.module} import make_app\napp = make_app()\n"
+    )
+    result = CliRunner().invoke(cli, ["--app", f"{module}:app", "send", "inc", "i1"])
+    assert result.exit_code == 0, result.output
+    result = CliRunner().invoke(cli, ["show", "i1"], env={"CASERN_APP": cli_app.ref})
+    assert json.loads(result.stdout) == {"n": 1}
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "fragments"),
+    [
+        (["--app", "no_such_module_xyz:app", "ls"], 2, ["cannot import 'no_such_module_xyz'"]),
+        (["--app", "json:no_such_attr", "ls"], 2, ["no attribute 'no_such_attr'", "MODULE:ATTR"]),
+        (["--app", "json", "ls"], 2, ["not MODULE:ATTRIBUTE"]),
+        (["--app", "os:getcwd", "ls"], 2, ["returned", "not a casern.Casern"]),
+        (["--app", "json:__doc__", "ls"], 2, ["is a str"]),
+        (["ls"], 2, ["no app given", "CASERN_APP"]),
+        (["--app", "os:getcwd", "--store", "sqlite://", "ls"], 2, ["store= keyword"]),
+        (["nonsense"], 2, ["No such command 'nonsense'"]),
+    ],
+)
+def test_a_bad_app_or_command_is_a_one_line_usage_error(
+    args: list[str], code: int, fragments: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("CASERN_APP", raising=False)
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == code, result.output
+    assert_one_line_error(result.stderr, *fragments)
+
+
+def test_casern_errors_exit_1_with_one_line_and_debug_shows_the_traceback(
+    cli_app: CLIApp,
+) -> None:
+    for args, fragment in [
+        (["send", "nope", "x"], "no reducer named 'nope' (known: arm, inc, wake)"),
+        (["send", "inc", "_design"], "must not start with '_'"),
+        (["show", "x" * 2000], "at most 1024 characters"),
+    ]:
+        result = cli_app.invoke(*args)
+        assert result.exit_code == 1, result.output
+        assert_one_line_error(result.stderr, fragment)
+
+    bad_store = CliRunner().invoke(cli, ["--app", cli_app.ref, "--store", "ftp://x/y", "ls"])
+    assert bad_store.exit_code == 1
+    assert_one_line_error(bad_store.stderr, "unknown store URL")
+
+    debug = CliRunner().invoke(
+        cli, ["--debug", "--app", cli_app.ref, "--store", cli_app.store, "send", "nope", "x"]
+    )
+    assert debug.exit_code == 1
+    assert "Traceback" in debug.stderr
+    assert debug.stderr.strip().splitlines()[-1].startswith("casern: error: no reducer")
+
+
+def test_store_urls_are_redacted_in_messages(cli_app: CLIApp) -> None:
+    result = CliRunner().invoke(
+        cli, ["--app", cli_app.ref, "--store", "gopher://ann:s3cret@127.0.0.1/db", "ls"]
+    )
+    assert result.exit_code == 1
+    assert "s3cret" not in result.output
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        [],
+        ["send"],
+        ["show"],
+        ["history"],
+        ["ls"],
+        ["failed"],
+        ["retry"],
+        ["worker"],
+        ["migrate"],
+        ["demo"],
+    ],
+)
+def test_every_command_has_help(command: list[str]) -> None:
+    result = CliRunner().invoke(cli, [*command, "--help"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith(f"Usage: casern {' '.join(command)}".rstrip() + " ")
+    summary = result.stdout.split("\n\n")[1].strip()
+    assert summary[0].isupper() and summary.endswith("."), summary
+
+
+# -- the installed console script, in subprocesses --------------------------------------
+
+
+def test_console_script_round_trip(cli_app: CLIApp) -> None:
+    sent = cli_app.run("send", "inc", "p1", '{"hello": "wörld"}')
+    assert sent.returncode == 0, sent.stderr
+    assert json.loads(sent.stdout) == {"n": 1, "last": {"hello": "wörld"}}
+    assert sent.stderr == ""
+    assert cli_app.listened() == ["p1", "1"]  # the listener ran before the process exited
+
+    assert json.loads(cli_app.run("show", "p1").stdout) == {"n": 1, "last": {"hello": "wörld"}}
+    assert [e["seq"] for e in json.loads(cli_app.run("history", "p1").stdout)] == [1]
+    assert cli_app.run("ls").stdout == "p1\n"
+    assert cli_app.run("failed").stdout.strip() == "No failed deliveries."
+    assert cli_app.run("retry").stdout.strip() == "0 failed deliveries re-queued"
+
+    migrated = cli_app.run("migrate", env={"CLI_TEST_VERSION": "3"})
+    assert migrated.returncode == 0, migrated.stderr
+    assert "Migrating" in migrated.stderr
+    assert migrated.stdout.strip() == "1 of 1 stored state(s) upgraded to state_version 3"
+
+    unknown = cli_app.run("show", "p2")
+    assert unknown.returncode == 1
+    assert_one_line_error(unknown.stderr, "no machine 'p2'")
+
+    bad_json = cli_app.run("send", "inc", "p1", "{oops")
+    assert bad_json.returncode == 2
+    assert_one_line_error(bad_json.stderr, "not valid JSON")
+
+    bad_app = cli_app.run("--app", "nowhere_xyz:app", "ls", app=False)
+    assert bad_app.returncode == 2
+    assert_one_line_error(bad_app.stderr, "cannot import 'nowhere_xyz'", "PYTHONPATH")
+
+
+def test_console_script_finds_the_app_module_in_the_current_directory(cli_app: CLIApp) -> None:
+    env = cli_app.env()
+    env.pop("PYTHONPATH")
+    result = subprocess.run(
+        [casern_script(), "--app", cli_app.ref, "--store", cli_app.store, "ls"],
+        cwd=cli_app.root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.skipif(not hasattr(os, "openpty"), reason="needs a pseudo-terminal")
+def test_json_is_indented_on_a_terminal(cli_app: CLIApp) -> None:
+    cli_app.run("send", "inc", "tty", '{"a": 1}')
+    leader, follower = os.openpty()
+    try:
+        proc = subprocess.run(
+            [casern_script(), "--app", cli_app.ref, "--store", cli_app.store, "show", "tty"],
+            cwd=cli_app.root,
+            env=cli_app.env(),
+            stdout=follower,
+            stderr=subprocess.PIPE,
+            timeout=60,
+        )
+        assert proc.returncode == 0, proc.stderr
+        out = os.read(leader, 65536).decode().replace("\r\n", "\n")
+    finally:
+        os.close(leader)
+        os.close(follower)
+    assert out == json.dumps({"n": 1, "last": {"a": 1}}, indent=2) + "\n"
+
+
+def test_worker_fires_timers_and_stops_cleanly_on_sigterm(cli_app: CLIApp) -> None:
+    cli_app.run("send", "arm", "w1", json.dumps({"at": time.time() + 0.5}))
+    proc = subprocess.Popen(
+        [casern_script(), "--app", cli_app.ref, "--store", cli_app.store, "worker"],
+        cwd=cli_app.root,
+        env=cli_app.env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        state: dict[str, Any] = {}
+        while time.monotonic() < deadline and "woke_at" not in state:
+            time.sleep(0.2)
+            state = json.loads(cli_app.run("show", "w1").stdout)
+        assert "woke_at" in state, "the worker did not fire the due timer"
+        assert state["woke_at"] >= state["wake_at"]  # never before its due time
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err
+    assert "worker started on" in err
+    assert "got SIGTERM, stopping" in err
+    assert err.strip().splitlines()[-1].endswith("worker stopped")
+    assert cli_app.listened() == ["w1", "1", "w1", "2"]  # the timer's change was delivered too
