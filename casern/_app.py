@@ -149,7 +149,9 @@ class Casern:
 
     # -- sending ------------------------------------------------------------------------
 
-    def _queue_send(self, reducer: str, id: str, data: Any, key: str | None) -> Future[Any]:
+    def _queue_send(
+        self, reducer: str, id: str, data: Any, key: str | None, lead: bool = False
+    ) -> Future[Any]:
         """Validate in the caller's thread, then queue; the future gives the state's JSON."""
         if self._closed:
             raise CasernError("this Casern app is closed; create a new one to send")
@@ -174,11 +176,11 @@ class Casern:
                 raise InvalidData(
                     f"data for {reducer!r} is invalid at {error.json_path}: {error.message}"
                 )
-        return self._engine.submit(Action(SEND, id, Future(), reducer, data_json, key))
+        return self._engine.submit(Action(SEND, id, Future(), reducer, data_json, key), lead=lead)
 
     def send(self, reducer: str, id: str, data: Any = None, *, key: str | None = None) -> State:
         """Apply `reducer` to machine `id`; return the committed state once durable."""
-        state: State = json.loads(self._queue_send(reducer, id, data, key).result())
+        state: State = json.loads(self._queue_send(reducer, id, data, key, lead=True).result())
         return state
 
     async def asend(

@@ -66,6 +66,7 @@ class Dispatcher:
         self._pool: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._incoming: list[Delivery] = []
         self._stopping = False
 
     # -- thread-safe entry points -------------------------------------------------------
@@ -82,8 +83,19 @@ class Dispatcher:
                 self._inflight.add(key)
                 self._jobs += 1
                 fresh.append(d)
-        if fresh:
-            loop.call_soon_threadsafe(self._accept, fresh)
+        if not fresh:
+            return
+        # Wake the loop only for the first of a burst: waking costs a syscall.
+        with self._lock:
+            wake = not self._incoming
+            self._incoming.extend(fresh)
+        if wake:
+            loop.call_soon_threadsafe(self._take_incoming)
+
+    def _take_incoming(self) -> None:
+        with self._lock:
+            incoming, self._incoming = self._incoming, []
+        self._accept(incoming)
 
     def inflight(self, id: str, seq: int) -> bool:
         with self._idle:
@@ -125,6 +137,7 @@ class Dispatcher:
             self._jobs = 0
             self._inflight.clear()
             self._lanes.clear()
+            self._incoming.clear()
             self._idle.notify_all()
         self._stopping = False
 

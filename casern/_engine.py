@@ -13,11 +13,10 @@ from __future__ import annotations
 import heapq
 import json
 import logging
-import queue
 import random
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -37,14 +36,16 @@ from .stores.base import Doc, Record, Store, Write
 log = logging.getLogger("casern")
 
 SEND, FIRE, ACK, RETRY, MIGRATE, FLUSH = "send", "fire", "ack", "retry", "migrate", "flush"
-_STOP = object()
-_WAKE = object()  # recompute the wait: an acknowledgement arrived
 MAX_BATCH = 500
+
+
+# One encoder, built once: json.dumps with options builds a new one per call.
+_ENCODE = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
 
 
 def dumps(value: Any) -> str:
     """Canonical JSON text: compact, unicode kept, NaN refused."""
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    return _ENCODE(value)
 
 
 def now_iso(at: float) -> str:
@@ -83,6 +84,7 @@ class _Plan:
     results: list[tuple[Action, Any]]  # resolved after the write lands
     history: list[Doc] = field(default_factory=list)
     flush_log: list[Doc] = field(default_factory=list)  # committed history to move out first
+    state_json: str = ""  # the JSON of doc["state"]
     deliveries: list[Delivery] = field(default_factory=list)
     acked: set[int] = field(default_factory=set)
 
@@ -123,22 +125,26 @@ def non_str_key(value: Any) -> Any:
 
 
 class _LRU:
-    """A bounded map id -> Record: the revision cache (a stale entry costs one conflict)."""
+    """A bounded map id -> (Record, its state's JSON): the revision cache.
+
+    A stale entry costs one conflict and a re-read; the JSON saves encoding the
+    state again when this process writes the same id next.
+    """
 
     def __init__(self, size: int) -> None:
         self.size = size
-        self._data: OrderedDict[str, Record] = OrderedDict()
+        self._data: OrderedDict[str, tuple[Record, str]] = OrderedDict()
 
-    def get(self, id: str) -> Record | None:
-        rec = self._data.get(id)
-        if rec is not None:
+    def get(self, id: str) -> tuple[Record, str] | None:
+        entry = self._data.get(id)
+        if entry is not None:
             self._data.move_to_end(id)
-        return rec
+        return entry
 
-    def put(self, rec: Record) -> None:
+    def put(self, rec: Record, state_json: str) -> None:
         if self.size <= 0:
             return
-        self._data[rec.id] = rec
+        self._data[rec.id] = (rec, state_json)
         self._data.move_to_end(rec.id)
         while len(self._data) > self.size:
             self._data.popitem(last=False)
@@ -188,32 +194,46 @@ class Engine:
         self.ack_delay = ack_delay
         self.redeliver_after = redeliver_after
         self.cache = _LRU(cache_size)
-        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        # Everything below is guarded by _lock. Whoever holds the `_leading` flag
+        # is the one thread that folds and writes; see `submit`.
+        self._lock = threading.Lock()
+        self._queue: deque[Action] = deque()
+        self._leading = False
+        self._stopping = False
         self._retries: list[tuple[float, int, Action]] = []
         self._tiebreak = 0
-        self._acks: dict[str, tuple[set[int], list[Doc], float]] = {}
-        self._acks_lock = threading.Lock()
+        self._acks: OrderedDict[str, tuple[set[int], list[Doc], float]] = OrderedDict()
+        self._kick = threading.Event()
         self._idle = threading.Condition()
         self._outstanding = 0
         self._thread: threading.Thread | None = None
-        self._start_lock = threading.Lock()
         self.writes = 0  # envelope writes that landed (for benches)
 
     # -- submitting ---------------------------------------------------------------------
 
-    def submit(self, action: Action) -> Future[Any]:
-        """Queue an action for the committer; returns its future."""
-        if self._thread is None:
-            with self._start_lock:
-                if self._thread is None:
-                    self._thread = threading.Thread(
-                        target=self._run, name="casern-committer", daemon=True
-                    )
-                    self._thread.start()
+    def submit(self, action: Action, *, lead: bool = False) -> Future[Any]:
+        """Queue an action; returns its future.
+
+        With `lead=True` (a blocking `send`) and nobody writing, the caller
+        commits in its own thread: a lone send pays no hand-off between threads.
+        Otherwise the committer thread takes it, together with everything else
+        queued meanwhile (group commit).
+        """
         with self._idle:
             self._outstanding += 1
         action.future.add_done_callback(self._done)
-        self._queue.put(action)
+        with self._lock:
+            self._queue.append(action)
+            idle = not self._leading
+            if idle and lead:
+                self._leading = True
+        if self._thread is None:
+            self._start()
+        if idle:
+            if lead:
+                self._lead(action)
+            else:
+                self._kick.set()
         return action.future
 
     def _done(self, _: Future[Any]) -> None:
@@ -224,102 +244,140 @@ class Engine:
 
     def ack(self, id: str, seq: int, failed: Sequence[Doc] = ()) -> None:
         """Record that every listener of (id, seq) finished; written lazily."""
-        with self._acks_lock:
+        with self._lock:
             wake = not self._acks
-            seqs, fails, since = self._acks.get(id, (set(), [], time.monotonic()))
+            seqs, fails, since = self._acks.get(id) or (set(), [], time.monotonic())
             seqs.add(seq)
             fails.extend(failed)
             self._acks[id] = (seqs, fails, since)
         if wake:
-            self._queue.put(_WAKE)
+            self._kick.set()  # the committer thread recomputes when to sweep
 
     def wait_idle(self, timeout: float | None) -> bool:
         """Block until no submitted action is unresolved."""
         with self._idle:
             return self._idle.wait_for(lambda: self._outstanding == 0, timeout)
 
-    def stop(self) -> None:
-        """Commit what is queued, write the deferred acknowledgements, stop the thread."""
-        if self._thread is not None:
-            self._queue.put(_STOP)
-            self._thread.join()
-            self._thread = None
-
-    # -- the committer thread -----------------------------------------------------------
-
     def flush(self) -> None:
         """Write every deferred acknowledgement now (and wait for it)."""
         self.submit(Action(FLUSH, "", Future())).result()
 
-    def _run(self) -> None:
-        stopping = False
-        while True:
-            batch, stopping = self._take(stopping)
-            flushes = [a for a in batch if a.kind == FLUSH]
-            if flushes:
-                batch = [a for a in batch if a.kind != FLUSH]
-            if batch:
-                try:
-                    self._process(batch)
-                except BaseException as e:  # never leave a caller waiting forever
-                    log.exception("casern committer failed on a batch")
-                    for a in batch:
-                        if not a.future.done():
-                            a.future.set_exception(
-                                e if isinstance(e, CasernError) else CasernError(repr(e))
-                            )
-            for a in flushes:
-                a.future.set_result(None)
-            if not batch and stopping and not self._retries:
-                return
+    def stop(self) -> None:
+        """Commit what is queued, write the deferred acknowledgements, stop the thread."""
+        thread = self._thread
+        if thread is None:
+            return
+        with self._lock:
+            self._stopping = True
+        self._kick.set()
+        thread.join()
+        with self._lock:
+            self._thread = None
+            self._stopping = False
 
-    def _take(self, stopping: bool) -> tuple[list[Action], bool]:
-        """Gather a batch: everything queued, due conflict retries and deferred acks."""
-        timeout = 0.0 if stopping else self._wait_time()
-        batch: list[Action] = []
+    # -- the committer ------------------------------------------------------------------
+
+    def _start(self) -> None:
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="casern-committer", daemon=True
+                )
+                self._thread.start()
+
+    def _run(self) -> None:
+        """The committer thread: leads when kicked, or when a retry or a sweep is due."""
+        while True:
+            self._kick.wait(self._wait_time())
+            self._kick.clear()
+            with self._lock:
+                stopping = self._stopping
+                mine = not self._leading
+                if mine:
+                    self._leading = True
+            if not mine:  # a sender is writing; it kicks us if it leaves work behind
+                if stopping:
+                    time.sleep(0.001)
+                    self._kick.set()
+                continue
+            self._lead(None)
+            if stopping:
+                with self._lock:
+                    if not (self._queue or self._retries or self._acks):
+                        return
+
+    def _lead(self, own: Action | None) -> None:
+        """Write batches until nothing is left (or, for a sender, its own action is done)."""
         try:
-            first = self._queue.get(timeout=timeout) if timeout > 0 else self._queue.get_nowait()
             while True:
-                if first is _STOP:
-                    stopping = True
-                elif first is not _WAKE:
-                    batch.append(first)
+                batch, flushes = self._take()
+                if batch:
+                    try:
+                        self._process(batch)
+                    except BaseException as e:  # never leave a caller waiting forever
+                        log.exception("casern committer failed on a batch")
+                        error = e if isinstance(e, CasernError) else CasernError(repr(e))
+                        for a in batch:
+                            if not a.future.done():
+                                a.future.set_exception(error)
+                for a in flushes:
+                    a.future.set_result(None)
+                if not (batch or flushes):
+                    return
+                if own is not None and own.future.done():
+                    return
+        finally:
+            with self._lock:
+                self._leading = False
+                more = bool(self._queue) or (own is not None and bool(self._retries or self._acks))
+            if more:
+                self._kick.set()
+
+    def _take(self) -> tuple[list[Action], list[Action]]:
+        """Gather a batch: everything queued, due conflict retries and deferred acks."""
+        batch: list[Action] = []
+        flushes: list[Action] = []
+        now = time.monotonic()
+        with self._lock:
+            stopping = self._stopping
+            while self._queue and len(batch) < MAX_BATCH:
+                a = self._queue.popleft()
+                (flushes if a.kind == FLUSH else batch).append(a)
+            while self._retries and (self._retries[0][0] <= now or stopping):
                 if len(batch) >= MAX_BATCH:
                     break
-                first = self._queue.get_nowait()
-        except queue.Empty:
-            pass
-        now = time.monotonic()
-        while self._retries and (self._retries[0][0] <= now or stopping):
-            if len(batch) >= MAX_BATCH:
-                break
-            batch.append(heapq.heappop(self._retries)[2])
-        # Acknowledgements ride along with the next write of their id, or go out
-        # in a sweep once things are quiet for `ack_delay` (or when asked to flush).
-        flush_all = stopping or any(a.kind == FLUSH for a in batch)
-        with self._acks_lock:
-            if self._acks:
-                ids = {a.id for a in batch}
-                flush = stopping or not batch
-                for id in list(self._acks):
-                    seqs, fails, since = self._acks[id]
-                    if id not in ids and len(batch) >= MAX_BATCH:
-                        continue  # keep one write request within one store chunk
-                    if id in ids or (flush and now - since >= self.ack_delay) or flush_all:
-                        del self._acks[id]
-                        batch.append(Action(ACK, id, Future(), seqs=frozenset(seqs), failed=fails))
-        return batch, stopping
+                batch.append(heapq.heappop(self._retries)[2])
+            if not self._acks:
+                return batch, flushes
+            # Acknowledgements ride along with the next write of their id, or go
+            # out in a sweep once things are quiet for `ack_delay` (or on flush).
+            ids = {a.id for a in batch}
+            for id in ids & self._acks.keys():
+                batch.append(self._ack_action(id))
+            sweep = stopping or bool(flushes)
+            while self._acks and len(batch) < MAX_BATCH:
+                id, (_, _, since) = next(iter(self._acks.items()))
+                if not (sweep or (not ids and now - since >= self.ack_delay)):
+                    break  # acks are in arrival order: the rest are younger
+                batch.append(self._ack_action(id))
+        return batch, flushes
+
+    def _ack_action(self, id: str) -> Action:
+        seqs, fails, _ = self._acks.pop(id)
+        return Action(ACK, id, Future(), seqs=frozenset(seqs), failed=fails)
 
     def _wait_time(self) -> float:
         waits = [5.0]
         now = time.monotonic()
-        if self._retries:
-            waits.append(self._retries[0][0] - now)
-        with self._acks_lock:
+        with self._lock:
+            if self._stopping:
+                return 0.0
+            if self._retries:
+                waits.append(self._retries[0][0] - now)
             if self._acks:
-                oldest = min(since for _, _, since in self._acks.values())
-                waits.append(oldest + self.ack_delay - now)
-        return max(0.001, min(waits))
+                since = next(iter(self._acks.values()))[2]
+                waits.append(since + self.ack_delay - now)
+        return max(0.0005, min(waits))
 
     def _retry_later(self, action: Action) -> None:
         action.attempts += 1
@@ -336,23 +394,28 @@ class Engine:
         delay = (
             0.0 if action.attempts == 1 else random.uniform(0, min(0.2, 0.002 * 2**action.attempts))
         )
-        self._tiebreak += 1
-        heapq.heappush(self._retries, (time.monotonic() + delay, self._tiebreak, action))
+        with self._lock:
+            self._tiebreak += 1
+            heapq.heappush(self._retries, (time.monotonic() + delay, self._tiebreak, action))
 
     def _process(self, batch: list[Action]) -> None:
         groups: dict[str, list[Action]] = {}
         for a in batch:
             groups.setdefault(a.id, []).append(a)
-        cached = {id: rec for id in groups if (rec := self.cache.get(id)) is not None}
+        cached = {id: hit for id in groups if (hit := self.cache.get(id)) is not None}
+        missing = [id for id in groups if id not in cached]
         try:
-            fetched = self.store.get_many([id for id in groups if id not in cached])
+            fetched = self.store.get_many(missing) if missing else {}
         except CasernError as e:
             self._fail(batch, e)
             return
         plans: list[_Plan] = []
         for id, actions in groups.items():
-            rec = cached.get(id) or fetched.get(id)
-            plan = self._fold(id, rec, actions)
+            hit = cached.get(id)
+            if hit is not None:
+                plan = self._fold(id, hit[0], actions, hit[1])
+            else:
+                plan = self._fold(id, fetched.get(id), actions)
             if plan.doc is not None:
                 plans.append(plan)
             elif id in cached and any(a.kind in (SEND, FIRE) for a in actions):
@@ -387,7 +450,7 @@ class Engine:
                 continue
             self.writes += 1
             assert plan.doc is not None
-            self.cache.put(Record(plan.id, rev, plan.doc))
+            self.cache.put(Record(plan.id, rev, plan.doc), plan.state_json)
             landed.append(plan)
         # Hand effects over before answering, so that a caller who has its answer
         # can rely on the listeners being under way (see `Casern.drain`).
@@ -447,7 +510,9 @@ class Engine:
             ) from e
         return parsed
 
-    def _fold(self, id: str, rec: Record | None, actions: list[Action]) -> _Plan:
+    def _fold(
+        self, id: str, rec: Record | None, actions: list[Action], state_json: str | None = None
+    ) -> _Plan:
         """Apply `actions` in order to one envelope; return what to write and to answer."""
         doc: Doc = dict(rec.doc) if rec else {"state": {}, "seq": 0, "version": self.state_version}
         plan = _Plan(id, rec.rev if rec else None, None, actions, [])
@@ -457,7 +522,8 @@ class Engine:
         except UpgradeError as e:
             state, upgrade_error = doc.get("state", {}), e
         upgraded = upgrade_error is None and doc.get("version") != self.state_version
-        cur_json = dumps(state)
+        current = upgrade_error is None and not upgraded and state_json is not None
+        cur_json = state_json if current and state_json is not None else dumps(state)
         seq = int(doc.get("seq", 0))
         keys: list[str] = list(doc.get("keys", ()))
         due: dict[str, float] = dict(doc.get("due", {}))
@@ -611,6 +677,7 @@ class Engine:
             new_doc["failed"] = failed
             new_doc["nfailed"] = len(failed)
         plan.doc = new_doc
+        plan.state_json = cur_json if upgrade_error is None else dumps(new_doc["state"])
         return plan
 
     def _schedule(

@@ -51,8 +51,7 @@ _SYNCHRONOUS = {"off", "normal", "full", "extra"}
 _MAX_VARS = 500  # well below SQLITE_MAX_VARIABLE_NUMBER on every build
 
 
-def _dumps(doc: Any) -> str:
-    return json.dumps(doc, ensure_ascii=False, separators=(",", ":"))
+_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 
 class SQLiteStore(Store):
