@@ -34,11 +34,12 @@ from casern.stores.couchdb import CouchDBStore  # noqa: E402
 HEADERS = {"Accept": "application/json", "Content-Type": "application/json"}
 
 
-def _client(base_url: str) -> httpx.Client:
+def _client(base_url: str, limits: httpx.Limits | None = None) -> httpx.Client:
     parts = urlsplit(base_url)
     auth = (parts.username or "", parts.password or "") if parts.username else None
     plain = base_url.replace(f"{parts.username}:{parts.password}@", "") if auth else base_url
-    return httpx.Client(base_url=plain, headers=HEADERS, auth=auth, timeout=30.0)
+    extra: dict[str, Any] = {} if limits is None else {"limits": limits}
+    return httpx.Client(base_url=plain, headers=HEADERS, auth=auth, timeout=30.0, **extra)
 
 
 def _fresh_db(client: httpx.Client) -> str:
@@ -166,6 +167,147 @@ def store_rmw_bulk(base_url: str, docs: int = 5000, batch: int = 500) -> float:
         return docs / (time.perf_counter() - t0)
     finally:
         store.close()
+
+
+def rmw_round_robin_httpx(base_url: str, ids: int = 1, n: int = 500, pad: int = 0) -> float:
+    """GET + PUT round-robin over `ids` documents, one at a time (httpx.Client): docs/s.
+
+    The documents look like the bench reducer's state: {"n", "last", "pad"}.
+    Verifies that every update landed.
+    """
+    with _client(base_url) as c:
+        db = _fresh_db(c)
+        try:
+            names = [f"d{i}" for i in range(ids)]
+            for name in names:
+                body = {"n": 0, "last": None, "pad": "x" * pad}
+                c.put(f"/{db}/{name}", content=json.dumps(body)).raise_for_status()
+            t0 = time.perf_counter()
+            for k in range(n):
+                name = names[k % ids]
+                doc = c.get(f"/{db}/{name}").json()
+                doc["n"] += 1
+                doc["last"] = k
+                c.put(f"/{db}/{name}", content=json.dumps(doc)).raise_for_status()
+            rate = n / (time.perf_counter() - t0)
+            _check_counts(c, db, {name: len(range(i, n, ids)) for i, name in enumerate(names)})
+            return rate
+        finally:
+            _drop_db(c, db)
+
+
+def _check_counts(c: httpx.Client, db: str, expected: dict[str, int]) -> None:
+    rows = c.post(
+        f"/{db}/_all_docs",
+        params={"include_docs": "true"},
+        content=json.dumps({"keys": list(expected)}),
+    ).json()["rows"]
+    got = {r["id"]: r["doc"]["n"] for r in rows if isinstance(r.get("doc"), dict)}
+    if got != expected:
+        bad = [k for k in expected if got.get(k) != expected[k]][:3]
+        raise RuntimeError(f"raw RMW lost updates: {[(k, got.get(k), expected[k]) for k in bad]}")
+
+
+def rmw_concurrent_threads(
+    base_url: str, docs: int = 150, per_doc: int = 10, workers: int = 50, pad: int = 0
+) -> float:
+    """`workers` threads sharing one httpx.Client; each takes a document and does
+    `per_doc` GET+PUT updates on it one after another: updates/s."""
+    import queue
+    import threading
+
+    limits = httpx.Limits(max_connections=workers, max_keepalive_connections=workers)
+    with _client(base_url, limits=limits) as c:
+        db = _fresh_db(c)
+        try:
+            names = [f"d{i}" for i in range(docs)]
+            _create_docs(c, db, names, pad)
+            todo: queue.SimpleQueue[str] = queue.SimpleQueue()
+            for name in names:
+                todo.put(name)
+            failures: list[BaseException] = []
+
+            def work() -> None:
+                try:
+                    while True:
+                        try:
+                            name = todo.get_nowait()
+                        except queue.Empty:
+                            return
+                        for k in range(per_doc):
+                            doc = c.get(f"/{db}/{name}").json()
+                            doc["n"] += 1
+                            doc["last"] = k
+                            c.put(f"/{db}/{name}", content=json.dumps(doc)).raise_for_status()
+                except BaseException as e:  # reported below
+                    failures.append(e)
+
+            threads = [threading.Thread(target=work) for _ in range(workers)]
+            t0 = time.perf_counter()
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            rate = docs * per_doc / (time.perf_counter() - t0)
+            if failures:
+                raise failures[0]
+            _check_counts(c, db, dict.fromkeys(names, per_doc))
+            return rate
+        finally:
+            _drop_db(c, db)
+
+
+def rmw_concurrent_async(
+    base_url: str, docs: int = 150, per_doc: int = 10, workers: int = 50, pad: int = 0
+) -> float:
+    """The same with `workers` asyncio tasks sharing one httpx.AsyncClient: updates/s."""
+    import asyncio
+
+    parts = urlsplit(base_url)
+    auth = (parts.username or "", parts.password or "") if parts.username else None
+    plain = base_url.replace(f"{parts.username}:{parts.password}@", "") if auth else base_url
+    names = [f"d{i}" for i in range(docs)]
+    with _client(base_url) as c:
+        db = _fresh_db(c)
+        try:
+            _create_docs(c, db, names, pad)
+
+            async def main() -> float:
+                limits = httpx.Limits(max_connections=workers, max_keepalive_connections=workers)
+                async with httpx.AsyncClient(
+                    base_url=plain, headers=HEADERS, auth=auth, timeout=30.0, limits=limits
+                ) as ac:
+                    todo: asyncio.Queue[str] = asyncio.Queue()
+                    for name in names:
+                        todo.put_nowait(name)
+
+                    async def work() -> None:
+                        while not todo.empty():
+                            name = todo.get_nowait()
+                            for k in range(per_doc):
+                                doc = (await ac.get(f"/{db}/{name}")).json()
+                                doc["n"] += 1
+                                doc["last"] = k
+                                r = await ac.put(f"/{db}/{name}", content=json.dumps(doc))
+                                r.raise_for_status()
+
+                    t0 = time.perf_counter()
+                    await asyncio.gather(*(work() for _ in range(workers)))
+                    return docs * per_doc / (time.perf_counter() - t0)
+
+            rate = asyncio.run(main())
+            _check_counts(c, db, dict.fromkeys(names, per_doc))
+            return rate
+        finally:
+            _drop_db(c, db)
+
+
+def _create_docs(c: httpx.Client, db: str, names: list[str], pad: int) -> None:
+    for s in range(0, len(names), 500):
+        body = {
+            "docs": [{"_id": n, "n": 0, "last": None, "pad": "x" * pad} for n in names[s : s + 500]]
+        }
+        c.post(f"/{db}/_bulk_docs", content=json.dumps(body)).raise_for_status()
 
 
 def run(base_url: str, n: int, docs: int, batch: int) -> dict[str, float]:
