@@ -243,17 +243,22 @@ class Casern:
 
     # -- history and versions -----------------------------------------------------------
 
-    def history(self, id: str) -> list[dict[str, Any]]:
-        """Every committed change of `id`, oldest first."""
+    def history(self, id: str, *, after: int = 0, limit: int | None = None) -> list[dict[str, Any]]:
+        """Committed changes of `id` with seq > `after`, oldest first (page with `limit`)."""
         check_id(id)
         if not self._history:
             raise CasernError("history is off for this app (Casern(..., history=True) keeps it)")
-        entries = {e["seq"]: e for e in self.store.history(id)}
-        if not self.store.atomic_history:  # the newest changes, still in the envelope
+        newest: list[dict[str, Any]] = []
+        if not self.store.atomic_history:
+            # The newest entries are still in the envelope. Read it first: entries
+            # moved out meanwhile are then found in the history store below.
             rec = self.store.get(id)
-            for e in rec.doc.get("log", ()) if rec else ():
-                entries.setdefault(e["seq"], e)
-        return [{k: entries[s].get(k) for k in _HISTORY_FIELDS} for s in sorted(entries)]
+            newest = [e for e in rec.doc.get("log", ()) if e["seq"] > after] if rec else []
+        entries = {e["seq"]: e for e in self.store.history(id, after=after, limit=limit)}
+        for e in newest:
+            entries.setdefault(e["seq"], e)
+        seqs = sorted(entries)[:limit]
+        return [{k: entries[s].get(k) for k in _HISTORY_FIELDS} for s in seqs]
 
     def replay(self, id: str) -> State:
         """Recompute the state of `id` from `{}` by folding its history through the reducers.

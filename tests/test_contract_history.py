@@ -180,3 +180,17 @@ def test_a_failing_upgrade_raises_upgrade_error_never_a_silent_reset(make_app: A
         v3.get("a")
     assert v1.get("a") == {"n": 1}
     assert v1.store.get("a").doc["version"] == 1
+
+
+def test_long_histories_can_be_read_in_pages(make_app: Any) -> None:
+    app = make_app()
+    for i in range(130):
+        app.send("inc", "a", i)
+    pages: list[list[int]] = []
+    after = 0
+    while page := app.history("a", after=after, limit=40):
+        pages.append([h["seq"] for h in page])
+        after = page[-1]["seq"]
+    assert [len(p) for p in pages] == [40, 40, 40, 10]
+    assert [seq for p in pages for seq in p] == list(range(1, 131))
+    assert [h["data"] for h in app.history("a", after=125)] == [125, 126, 127, 128, 129]
