@@ -352,10 +352,14 @@ async def _simulate(
         length=len(plan), label="  chatting  ", show_pos=True, width=30, hidden=not live
     ) as bar:
         shown = 0
+        quarter = 0  # without a terminal, a line at every quarter instead of a bar
         while True:
             done = len(stats.finished)
             bar.update(done - shown)
             shown = done
+            if not live and done * 4 >= (quarter + 1) * len(plan):
+                quarter = done * 4 // len(plan)
+                click.echo(f"  chatting    {done:,}/{len(plan):,} conversations finished")
             if not sent.first_wave_done and sent.quiet >= len(plan):
                 sent.first_wave_done = time.monotonic() - started
                 sent.first_wave_messages = sent.total
