@@ -465,7 +465,10 @@ class Engine:
     def _fail(self, actions: Sequence[Action], error: CasernError) -> None:
         for a in actions:
             if a.kind == ACK:
-                self.ack_again(a)
+                # Keep it for the next sweep; when stopping, drop it: the entries
+                # stay in the outbox and are delivered again by a later start().
+                if not self._stopping:
+                    self.ack_again(a)
             elif not a.future.done():
                 a.future.set_exception(error)
 

@@ -119,3 +119,27 @@ def test_credentials_never_appear_in_reprs_messages_or_logs(caplog: Any) -> None
         texts.append(caplog.text)
         for text in texts:
             assert "s3cret-pw" not in text and "wr0ng-pw" not in text
+
+
+def test_close_returns_while_the_server_is_gone_and_nothing_is_lost(server: PouchServer) -> None:
+    url = db_url(server.base_url, fresh_db_name())
+    seen: list[int] = []
+
+    def slow(c: casern.Change) -> None:
+        time.sleep(0.5)  # acknowledged only once the server is gone
+        seen.append(c.seq)
+
+    app = make(url, listeners={"spy": slow})
+    app.send("inc", "a")
+    app.send("inc", "a")
+    server.stop()
+    started = time.monotonic()
+    app.close(timeout=1)  # the acknowledgements cannot be written
+    assert time.monotonic() - started < 60
+    server.start()
+    again: list[int] = []
+    with make(url, listeners={"spy": lambda c: again.append(c.seq)}, redeliver_after=0) as app2:
+        app2.run_once()
+        assert app2.drain(30)
+        assert app2.get("a") == {"n": 2}
+    assert sorted(set(seen) | set(again)) == [1, 2]
