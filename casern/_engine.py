@@ -204,6 +204,7 @@ class Engine:
         self._tiebreak = 0
         self._acks: OrderedDict[str, tuple[set[int], list[Doc], float]] = OrderedDict()
         self._kick = threading.Event()
+        self._here = threading.local()  # .leading: this thread is folding right now
         self._idle = threading.Condition()
         self._outstanding = 0
         self._thread: threading.Thread | None = None
@@ -219,6 +220,11 @@ class Engine:
         Otherwise the committer thread takes it, together with everything else
         queued meanwhile (group commit).
         """
+        if getattr(self._here, "leading", False):
+            raise CasernError(
+                "send() was called from inside a reducer or timers function; they must be"
+                " pure: send further actions from a listener with change.send(...)"
+            )
         with self._idle:
             self._outstanding += 1
         action.future.add_done_callback(self._done)
@@ -308,6 +314,7 @@ class Engine:
 
     def _lead(self, own: Action | None) -> None:
         """Write batches until nothing is left (or, for a sender, its own action is done)."""
+        self._here.leading = True
         try:
             while True:
                 batch, flushes = self._take()
@@ -327,6 +334,7 @@ class Engine:
                 if own is not None and own.future.done():
                     return
         finally:
+            self._here.leading = False
             with self._lock:
                 self._leading = False
                 more = bool(self._queue) or (own is not None and bool(self._retries or self._acks))

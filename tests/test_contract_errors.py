@@ -229,3 +229,18 @@ def test_bad_construction_arguments_are_refused_clearly() -> None:
         casern.Casern("ftp://user:secret@host/db", {}, {}, {}, {})
     except ValueError as e:
         assert "secret" not in str(e)
+
+
+def test_a_reducer_that_sends_gets_a_clear_error_not_a_deadlock(make_app: Any) -> None:
+    apps: list[Any] = []
+
+    def impure(p: Any, s: dict[str, Any], d: Any) -> dict[str, Any]:
+        apps[0].send("inc", "other")
+        return s
+
+    app = make_app({"inc": inc, "impure": impure})
+    apps.append(app)
+    with pytest.raises(casern.ReducerError, match=r"must be\s+pure") as info:
+        app.send("impure", "a")
+    assert isinstance(info.value.__cause__, casern.CasernError)
+    assert app.get("a") is None and app.get("other") is None
