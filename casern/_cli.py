@@ -179,18 +179,22 @@ def load_app(ref: str | None, store: str | None = None) -> Casern:
                 f"module {module_name!r} has no attribute {attr!r}. {APP_HELP}"
             ) from None
     if isinstance(target, Casern):
-        return target if store is None else _with_store(target, store, ref)
-    if not callable(target):
+        app = target
+    elif not callable(target):
         raise CLIUsageError(f"--app {ref!r} is a {type(target).__name__}. {APP_HELP}")
-    if store is None:
-        app = target()
-    elif _accepts_store(target):
-        app = target(store=store)
+    elif store is not None and _accepts_store(target):
+        return _checked(target(store=store), ref)
     else:
-        raise CLIUsageError(
-            f"--store needs the factory {ref!r} to accept a store= keyword, e.g."
-            " def make_app(store='sqlite:///app.db'): return casern.Casern(store, ...)"
-        )
+        app = _checked(target(), ref)
+    if store is None:
+        return app
+    try:
+        return app.with_store(store)  # the same reducers, listeners and options
+    finally:
+        app.close()
+
+
+def _checked(app: Any, ref: str) -> Casern:
     if not isinstance(app, Casern):
         app_type = type(app).__name__
         raise CLIUsageError(f"--app {ref!r} returned a {app_type}, not a casern.Casern. {APP_HELP}")
@@ -206,22 +210,6 @@ def _accepts_store(factory: Callable[..., Any]) -> bool:
         (p.name == "store" and p.kind != p.POSITIONAL_ONLY) or p.kind == p.VAR_KEYWORD
         for p in params
     )
-
-
-def _with_store(app: Casern, store: str, ref: str) -> Casern:
-    """The same app on another store, if the app can make one (`Casern.with_store`)."""
-    clone: Callable[[str], Casern] | None = getattr(app, "with_store", None)
-    if clone is None:
-        app.close()
-        raise CLIUsageError(
-            f"--store needs --app to name a factory that accepts store=..., not the app"
-            f" instance {ref!r}: e.g. def make_app(store='sqlite:///app.db'):"
-            " return casern.Casern(store, ...)"
-        )
-    try:
-        return clone(store)
-    finally:
-        app.close()
 
 
 # -- output -----------------------------------------------------------------------------
@@ -299,7 +287,7 @@ def setup_logging(level: int) -> None:
     envvar="CASERN_STORE",
     metavar="URL",
     help="Use this store instead of the app's own: sqlite:///file.db or"
-    " http://user:pass@host:5984/db. Needs --app to name a factory accepting store=."
+    " http://user:pass@host:5984/db (same reducers, listeners and options)."
     "  [env: CASERN_STORE]",
 )
 @click.option("--debug", is_flag=True, help="Show the full traceback of an error.")

@@ -344,7 +344,7 @@ def test_app_may_be_an_instance_or_come_from_the_environment(
         (["--app", "os:getcwd", "ls"], 2, ["returned", "not a casern.Casern"]),
         (["--app", "json:__doc__", "ls"], 2, ["is a str"]),
         (["ls"], 2, ["no app given", "CASERN_APP"]),
-        (["--app", "os:getcwd", "--store", "sqlite://", "ls"], 2, ["store= keyword"]),
+        (["--app", "os:getcwd", "--store", "sqlite://", "ls"], 2, ["not a casern.Casern"]),
         (["nonsense"], 2, ["No such command 'nonsense'"]),
     ],
 )
@@ -511,3 +511,24 @@ def test_worker_fires_timers_and_stops_cleanly_on_sigterm(cli_app: CLIApp) -> No
     assert "got SIGTERM, stopping" in err
     assert err.strip().splitlines()[-1].endswith("worker stopped")
     assert cli_app.listened() == ["w1", "1", "w1", "2"]  # the timer's change was delivered too
+
+
+def test_store_overrides_the_store_of_an_app_instance(tmp_path: Path) -> None:
+    (tmp_path / "instance_app.py").write_text(
+        "import casern\n"
+        "app = casern.Casern('sqlite://', {}, {},\n"
+        "                    {'inc': lambda p, s, d: {'n': s.get('n', 0) + 1}}, {})\n"
+    )
+    store = f"sqlite:///{tmp_path}/other.db"
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    for _ in range(2):
+        result = subprocess.run(
+            [casern_script(), "--app", "instance_app:app", "--store", store, "send", "inc", "x"],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == {"n": 2}  # both sends went to other.db, not memory
