@@ -25,6 +25,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.schedulers.base import BaseScheduler
 
+from . import _aio
 from ._backoff import Backoff
 from ._delivery import Dispatcher
 from ._engine import FIRE, MIGRATE, RETRY, SEND, Action, Delivery, Engine, dumps, non_str_key
@@ -187,7 +188,7 @@ class Casern:
         self, reducer: str, id: str, data: Any = None, *, key: str | None = None
     ) -> State:
         """`send` for asyncio: many concurrent `asend`s are committed together."""
-        text = await asyncio.wrap_future(self._queue_send(reducer, id, data, key))
+        text = await _aio.wait(self._queue_send(reducer, id, data, key))
         state: State = json.loads(text)
         return state
 
