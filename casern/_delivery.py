@@ -11,6 +11,7 @@ change from the outbox.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import inspect
 import json
 import logging
@@ -247,7 +248,10 @@ class Dispatcher:
         def send(reducer: str, id: str, data: Any = None) -> None:
             nonlocal count
             count += 1
-            key = f"{job.id}\x1f{entry['seq']}\x1f{name}\x1f{count}"
+            # Derived from (id, seq, listener, n): a redelivery sends the same keys.
+            # Hashed, so that keys stay short in the target's envelope however long the id.
+            origin = f"{job.id}\x1f{entry['seq']}\x1f{name}\x1f{count}".encode()
+            key = "casern:" + hashlib.blake2b(origin, digest_size=12).hexdigest()
             sent.append(self._send(reducer, id, data, key))
 
         change = Change(
