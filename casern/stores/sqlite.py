@@ -15,6 +15,7 @@ import random
 import sqlite3
 import threading
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -80,7 +81,12 @@ class SQLiteStore(Store):
             )
         self.url = url
         self._busy_timeout = busy_timeout
-        self._lock = threading.RLock()
+        self._lock = threading.RLock()  # guards the writing connection
+        # Reads use a connection per thread: in WAL mode they run beside the
+        # writer instead of queueing behind it (web threads calling get()).
+        self._local = threading.local()
+        self._readers: weakref.WeakSet[_Reader] = weakref.WeakSet()
+        self._closed = False
         if self.path != ":memory:":
             directory = os.path.dirname(os.path.abspath(self.path))
             if not os.path.isdir(directory):
@@ -102,12 +108,14 @@ class SQLiteStore(Store):
 
     # -- plumbing ---------------------------------------------------------------------
 
-    def _retry(self, fn: Callable[[], T]) -> T:
+    def _retry(self, fn: Callable[[], T], *, locked: bool = True) -> T:
         """Run `fn`, retrying while another process holds the write lock too long."""
         deadline = time.monotonic() + self._busy_timeout
         delay = 0.01
         while True:
             try:
+                if not locked:
+                    return fn()
                 with self._lock:
                     return fn()
             except sqlite3.OperationalError as e:
@@ -119,6 +127,24 @@ class SQLiteStore(Store):
                 raise StoreUnavailable(f"{self.url}: {e}") from e
             time.sleep(delay * random.uniform(0.5, 1.5))
             delay = min(delay * 2, 0.5)
+
+    def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        if self.path == ":memory:":  # one database per connection: share the writer's
+            return self._retry(lambda: fn(self._db))
+        return self._retry(lambda: fn(self._reader()), locked=False)
+
+    def _reader(self) -> sqlite3.Connection:
+        reader: _Reader | None = getattr(self._local, "reader", None)
+        if reader is None:
+            if self._closed:
+                raise sqlite3.ProgrammingError("Cannot operate on a closed database.")
+            db = sqlite3.connect(
+                self.path, timeout=self._busy_timeout, isolation_level=None, check_same_thread=False
+            )
+            reader = self._local.reader = _Reader(db)
+            with self._lock:
+                self._readers.add(reader)
+        return reader.db
 
     def _transaction(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         def run() -> T:
@@ -141,7 +167,7 @@ class SQLiteStore(Store):
         for part in chunks(list(dict.fromkeys(ids)), _MAX_VARS):
             marks = ",".join("?" * len(part))
             sql = f"SELECT id, rev, doc FROM machines WHERE id IN ({marks})"
-            rows = self._retry(lambda: self._db.execute(sql, part).fetchall())  # noqa: B023
+            rows = self._read(lambda db: db.execute(sql, part).fetchall())  # noqa: B023
             for id, rev, doc in rows:
                 found[id] = Record(id, str(rev), json.loads(doc))
         return found
@@ -195,11 +221,11 @@ class SQLiteStore(Store):
     def history(self, id: str, *, after: int = 0, limit: int | None = None) -> list[Doc]:
         sql = "SELECT entry FROM history WHERE id = ? AND seq > ? ORDER BY seq LIMIT ?"
         args = (id, after, -1 if limit is None else limit)
-        rows = self._retry(lambda: self._db.execute(sql, args).fetchall())
+        rows = self._read(lambda db: db.execute(sql, args).fetchall())
         return [json.loads(entry) for (entry,) in rows]
 
     def _ids_where(self, sql: str, args: tuple[Any, ...]) -> list[str]:
-        return [id for (id,) in self._retry(lambda: self._db.execute(sql, args).fetchall())]
+        return [id for (id,) in self._read(lambda db: db.execute(sql, args).fetchall())]
 
     def due(self, now: float, limit: int) -> list[str]:
         return self._ids_where(
@@ -236,4 +262,19 @@ class SQLiteStore(Store):
 
     def close(self) -> None:
         with self._lock:
+            self._closed = True
+            for reader in list(self._readers):
+                reader.db.close()
             self._db.close()
+
+
+class _Reader:
+    """Holds one thread's read connection; dropped (and closed) with the thread."""
+
+    __slots__ = ("__weakref__", "db")
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+
+    def __del__(self) -> None:
+        self.db.close()
