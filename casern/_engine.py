@@ -391,7 +391,8 @@ class Engine:
         action.attempts += 1
         if action.attempts > self.max_conflicts:
             if action.kind == ACK:
-                return  # the entries stay pending; a sweep delivers them again
+                self.ack_again(action)  # no hurry: try again with the next sweep
+                return
             action.future.set_exception(
                 ConflictError(
                     f"gave up on {action.id!r} after {action.attempts - 1} write conflicts;"
