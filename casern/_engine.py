@@ -391,7 +391,8 @@ class Engine:
         action.attempts += 1
         if action.attempts > self.max_conflicts:
             if action.kind == ACK:
-                self.ack_again(action)  # no hurry: try again with the next sweep
+                if not self._stopping:  # no hurry: try again with the next sweep
+                    self.ack_again(action)
                 return
             action.future.set_exception(
                 ConflictError(
