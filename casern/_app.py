@@ -28,8 +28,19 @@ from apscheduler.schedulers.base import BaseScheduler
 from . import _aio
 from ._backoff import Backoff
 from ._delivery import Dispatcher
-from ._engine import FIRE, MIGRATE, RETRY, SEND, Action, Delivery, Engine, dumps, non_str_key
-from ._errors import CasernError, InvalidData, UnknownReducer
+from ._engine import (
+    FIRE,
+    MIGRATE,
+    RETRY,
+    SEND,
+    Action,
+    Delivery,
+    Engine,
+    dumps,
+    freeze,
+    non_str_key,
+)
+from ._errors import CasernError, InvalidData, ReducerError, UnknownReducer
 from ._ids import check_id
 from ._types import Listener, Reducer, State, Timer, Upgrade
 from .stores import Store, open_store
@@ -38,6 +49,7 @@ __all__ = ["Casern"]
 
 log = logging.getLogger("casern")
 
+MAX_KEY_LENGTH = 1024
 _HISTORY_FIELDS = ("seq", "reducer", "data", "key", "applied_at", "version")
 _FAILED_FIELDS = ("id", "seq", "listener", "error", "attempts", "reducer", "applied_at")
 
@@ -68,7 +80,20 @@ class Casern:
         keep_keys: int = 100,
         cache_size: int = 4096,
     ) -> None:
-        self.preferences: Mapping[str, Any] = types.MappingProxyType(dict(preferences or {}))
+        for what, table in (
+            ("preferences", preferences),
+            ("services", services),
+            ("reducers", reducers),
+            ("listeners", listeners),
+            ("timers", timers),
+            ("schemas", schemas),
+        ):
+            if table is not None and not isinstance(table, Mapping):
+                raise TypeError(
+                    f"{what} must be a mapping (a dict by name), not {type(table).__name__}"
+                )
+        # Deep read-only: nested dicts become mappings, lists tuples; reducers share them.
+        self.preferences: Mapping[str, Any] = freeze(preferences or {})
         self.services: Mapping[str, Any] = types.MappingProxyType(dict(services or {}))
         self.reducers: dict[str, Reducer] = dict(reducers or {})
         self.listeners: dict[str, Listener] = dict(listeners or {})
@@ -93,8 +118,17 @@ class Casern:
             self._validators[name] = cls(dict(schema), format_checker=cls.FORMAT_CHECKER)
         if not isinstance(state_version, int) or state_version < 1:
             raise ValueError("state_version must be an int >= 1")
+        if upgrade is not None and not callable(upgrade):
+            raise TypeError("upgrade must be fn(preferences, old_version, state) -> state")
+        if not isinstance(backoff, Backoff):
+            raise TypeError("backoff must be a casern.Backoff(attempts=..., initial=..., ...)")
         if tick <= 0:
             raise ValueError("tick must be > 0 seconds")
+        if redeliver_after < 0:
+            raise ValueError("redeliver_after must be >= 0 seconds")
+        for name, count in (("keep_keys", keep_keys), ("cache_size", cache_size)):
+            if not isinstance(count, int) or count < 0:
+                raise ValueError(f"{name} must be an int >= 0")
         self.state_version = state_version
         self.backoff = backoff
         self.tick = tick
@@ -139,6 +173,10 @@ class Casern:
             "cache_size": cache_size,
         }
 
+    def _check_open(self) -> None:
+        if self._closed:
+            raise CasernError("this Casern app is closed; create a new one (or use with_store)")
+
     def with_store(self, store: str | Store) -> Casern:
         """A new app with the same reducers, listeners, services and options on another store."""
         return Casern(
@@ -154,14 +192,16 @@ class Casern:
         self, reducer: str, id: str, data: Any, key: str | None, lead: bool = False
     ) -> Future[Any]:
         """Validate in the caller's thread, then queue; the future gives the state's JSON."""
-        if self._closed:
-            raise CasernError("this Casern app is closed; create a new one to send")
+        self._check_open()
         check_id(id)
         if reducer not in self.reducers:
             known = ", ".join(sorted(self.reducers)) or "none"
             raise UnknownReducer(f"no reducer named {reducer!r} (known: {known})")
-        if key is not None and not isinstance(key, str):
-            raise InvalidData(f"key must be a str or None, not {type(key).__name__}")
+        if key is not None and (not isinstance(key, str) or len(key) > MAX_KEY_LENGTH):
+            raise InvalidData(
+                f"key must be a str of at most {MAX_KEY_LENGTH} characters or None,"
+                f" not {type(key).__name__}" + (f" of {len(key)}" if isinstance(key, str) else "")
+            )
         try:
             data_json = dumps(data)
         except (TypeError, ValueError) as e:
@@ -194,6 +234,7 @@ class Casern:
 
     def get(self, id: str) -> State | None:
         """The current state of `id` (a copy), or None if it was never changed."""
+        self._check_open()
         rec = self.store.get(check_id(id))
         if rec is None:
             return None
@@ -206,6 +247,7 @@ class Casern:
 
     def ids(self, *, prefix: str = "", after: str | None = None, limit: int = 1000) -> list[str]:
         """Stored ids in ascending order (page with `after=` the last id seen)."""
+        self._check_open()
         return self.store.ids(prefix=prefix, after=after, limit=limit)
 
     def drain(self, timeout: float | None = None) -> bool:
@@ -229,6 +271,7 @@ class Casern:
 
     def failed(self, limit: int = 10_000) -> list[dict[str, Any]]:
         """Deliveries that exhausted their retries: id, seq, listener, error, attempts."""
+        self._check_open()
         ids = self.store.failed(limit)
         out: list[dict[str, Any]] = []
         for id, rec in sorted(self.store.get_many(ids).items()):
@@ -238,6 +281,7 @@ class Casern:
 
     def retry(self, id: str | None = None) -> int:
         """Re-queue failed deliveries (all, or one id's); returns how many."""
+        self._check_open()
         ids = [check_id(id)] if id is not None else self.store.failed(100_000)
         futures = [self._engine.submit(Action(RETRY, i, Future())) for i in ids]
         return sum(int(f.result() or 0) for f in futures)
@@ -246,6 +290,7 @@ class Casern:
 
     def history(self, id: str, *, after: int = 0, limit: int | None = None) -> list[dict[str, Any]]:
         """Committed changes of `id` with seq > `after`, oldest first (page with `limit`)."""
+        self._check_open()
         check_id(id)
         if not self._history:
             raise CasernError("history is off for this app (Casern(..., history=True) keeps it)")
@@ -274,7 +319,13 @@ class Casern:
                 raise UnknownReducer(
                     f"history of {id!r} names reducer {entry['reducer']!r}, which this app lacks"
                 )
-            state = json.loads(dumps(reducer(self.preferences, state, entry["data"])))
+            try:
+                state = json.loads(dumps(reducer(self.preferences, state, entry["data"])))
+            except Exception as e:
+                raise ReducerError(
+                    f"replaying seq {entry['seq']} of {id!r}: reducer {entry['reducer']!r}"
+                    f" raised {type(e).__name__}: {e}"
+                ) from e
         stored = self.get(id)
         if stored is not None and stored != state:
             log.warning("replay of %r differs from its stored state: is a reducer impure?", id)
@@ -286,6 +337,7 @@ class Casern:
         Revision-checked like any send, so it is safe beside live traffic, and
         resumable: states already upgraded are skipped.
         """
+        self._check_open()
         upgraded = 0
         after: str | None = None
         while True:
@@ -312,12 +364,13 @@ class Casern:
         Returns how many machines had a due timer. Cost is proportional to the
         number of due machines, never to the number stored.
         """
-        now = time.time() if now is None else now
+        self._check_open()
+        now = time.time() if now is None else min(now, time.time())  # never early
         fired = 0
         started = time.monotonic()
         while True:
             ids = self.store.due(now, limit)
-            futures = [self._engine.submit(Action(FIRE, id, Future())) for id in ids]
+            futures = [self._engine.submit(Action(FIRE, id, Future(), now=now)) for id in ids]
             wait_futures(futures)
             fired += len(ids)
             for f in futures:
@@ -354,6 +407,7 @@ class Casern:
 
     def start(self) -> None:
         """Run timers and redelivery in the background (APScheduler), until `stop()`."""
+        self._check_open()
         if self._scheduler is not None:
             return
         scheduler = BackgroundScheduler(timezone="UTC")
@@ -369,6 +423,7 @@ class Casern:
 
     async def astart(self) -> None:
         """`start` for asyncio apps: the scheduler runs on the current event loop."""
+        self._check_open()
         if self._scheduler is not None:
             return
 

@@ -22,10 +22,16 @@ class Backoff:
     timeout: float = 30.0
 
     def __post_init__(self) -> None:
-        if self.attempts < 1:
-            raise ValueError("Backoff(attempts=...) must be at least 1")
-        if self.initial < 0 or self.maximum < 0 or self.timeout <= 0:
-            raise ValueError("Backoff delays must be >= 0 and timeout > 0")
+        if (
+            not isinstance(self.attempts, int)
+            or isinstance(self.attempts, bool)
+            or self.attempts < 1
+        ):
+            raise ValueError("Backoff(attempts=...) must be an int >= 1")
+        if not 0 <= self.initial <= self.maximum or self.timeout <= 0:
+            raise ValueError(
+                "Backoff needs 0 <= initial <= maximum (seconds between retries) and timeout > 0"
+            )
 
     def delay(self, failures: int) -> float:
         """Seconds to wait after the `failures`-th failed attempt (1-based)."""

@@ -18,7 +18,7 @@ import logging
 import threading
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -26,6 +26,7 @@ from typing import Any
 from ._backoff import Backoff
 from ._change import Change
 from ._engine import Delivery, Engine, dumps
+from ._threads import DaemonPool
 from ._types import Listener
 from .stores.base import Doc
 
@@ -64,7 +65,7 @@ class Dispatcher:
         self._idle = threading.Condition()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
-        self._pool: ThreadPoolExecutor | None = None
+        self._pool: DaemonPool | None = None
         self._lock = threading.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
         self._incoming: list[Delivery] = []
@@ -150,8 +151,7 @@ class Dispatcher:
         with self._lock:
             if self._loop is None:
                 loop = asyncio.new_event_loop()
-                self._pool = ThreadPoolExecutor(32, thread_name_prefix="casern-listener")
-                loop.set_default_executor(self._pool)
+                self._pool = DaemonPool("casern-listener")
                 ready = threading.Event()
 
                 def run() -> None:
@@ -213,7 +213,10 @@ class Dispatcher:
             except asyncio.CancelledError:
                 raise
             except Exception as e:
-                error = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+                if isinstance(e, TimeoutError):
+                    error = f"TimeoutError: ran longer than Backoff.timeout={b.timeout}s"
+                else:
+                    error = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
                 if attempt == b.attempts:
                     log.error(
                         "listener %r gave up on %r seq %s after %d attempts: %s",
@@ -274,7 +277,7 @@ class Dispatcher:
                 await listener(change)
             else:
                 loop = asyncio.get_running_loop()
-                result = await loop.run_in_executor(None, listener, change)
+                result = await loop.run_in_executor(self._pool, listener, change)
                 if inspect.isawaitable(result):
                     await result
         # The change counts as delivered only once the sends it queued are durable.

@@ -13,9 +13,11 @@ from __future__ import annotations
 import heapq
 import json
 import logging
+import math
 import random
 import threading
 import time
+import types
 from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
@@ -48,6 +50,33 @@ def dumps(value: Any) -> str:
     return _ENCODE(value)
 
 
+def freeze(value: Any) -> Any:
+    """A deep read-only view of preferences: mappings become mappingproxies, lists tuples."""
+    if isinstance(value, Mapping):
+        return types.MappingProxyType({k: freeze(v) for k, v in value.items()})
+    if isinstance(value, list | tuple):
+        return tuple(freeze(v) for v in value)
+    return value
+
+
+def same(a: Any, b: Any) -> bool:
+    """JSON equality: like ==, but true is not 1 (1 and 1.0 are one JSON number)."""
+    if type(a) is not type(b):
+        numbers = (int, float)
+        return (
+            isinstance(a, numbers)
+            and isinstance(b, numbers)
+            and not isinstance(a, bool)
+            and not isinstance(b, bool)
+            and a == b
+        )
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(same(v, b[k]) for k, v in a.items())
+    if isinstance(a, list):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
+    return bool(a == b)
+
+
 def now_iso(at: float) -> str:
     return datetime.fromtimestamp(at, UTC).isoformat()
 
@@ -65,6 +94,7 @@ class Action:
     seqs: frozenset[int] = frozenset()  # ACK: pending entries delivered
     failed: list[Doc] = field(default_factory=list)  # ACK: deliveries that gave up
     attempts: int = 0
+    now: float | None = None  # FIRE: fire what is due by then (never later than the clock)
 
 
 @dataclass(slots=True)
@@ -466,7 +496,10 @@ class Engine:
         # can rely on the listeners being under way (see `Casern.drain`).
         deliveries = [d for plan in landed for d in plan.deliveries]
         if deliveries:
-            self.on_commit(deliveries)
+            try:
+                self.on_commit(deliveries)
+            except Exception:  # committed all the same: the outbox keeps the changes
+                log.exception("handing committed changes to the listeners failed")
         for plan in landed:
             self._resolve(plan)
             if plan.acked:
@@ -516,11 +549,17 @@ class Engine:
             )
         try:
             upgraded = self.upgrade(self.preferences, version, json.loads(dumps(state)))
-            _, parsed = _normalize(upgraded)
         except Exception as e:
             raise UpgradeError(
                 f"upgrade from state_version={version} to {self.state_version} failed: {e!r}"
             ) from e
+        try:
+            _, parsed = _normalize(upgraded)
+        except InvalidState as e:
+            raise UpgradeError(
+                f"upgrade(preferences, {version}, state) must return the upgraded state"
+                f" as a dict (a JSON object): {str(e).replace('a reducer', 'it')}"
+            ) from None
         return parsed
 
     def _fold(
@@ -566,7 +605,7 @@ class Engine:
             except InvalidState as e:
                 plan.results.append((a, InvalidState(f"reducer {name!r}: {e}")))
                 return
-            if new_state == state:
+            if new_json == cur_json or (new_state == state and same(new_state, state)):
                 plan.results.append((a, cur_json))
                 return
             seq += 1
@@ -600,6 +639,8 @@ class Engine:
                 else:
                     step(a.reducer, a.data_json, a.key, a, now)
             elif a.kind == FIRE:
+                if a.now is not None:
+                    now = min(now, a.now)
                 # Fire every timer of this envelope that is due now: the revision
                 # check of this write makes each due time fire once across workers.
                 fired_any = False
@@ -708,7 +749,7 @@ class Engine:
                 due.pop(name, None)
                 fired.pop(name, None)
                 continue
-            if isinstance(at, bool) or not isinstance(at, (int, float)) or at != at:
+            if isinstance(at, bool) or not isinstance(at, int | float) or not math.isfinite(at):
                 raise ReducerError(
                     f"timers function {name!r} returned {at!r}; return epoch seconds or None"
                 )

@@ -14,9 +14,10 @@ from ._errors import InvalidId
 
 MAX_ID_LENGTH = 1024
 
-# C0/C1 control characters (newline, tab, NUL ...) would break `casern ls`,
+# C0/C1 control characters (newline, tab, NUL ...) and the Unicode line and
+# paragraph separators would break `casern ls`,
 # logs and HTTP paths; lone surrogates cannot be encoded as UTF-8.
-_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
 
 
 def check_id(id: Any) -> str:

@@ -34,7 +34,7 @@ from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
 from ._change import Change
-from ._engine import _normalize, dumps, non_str_key
+from ._engine import _normalize, dumps, freeze, non_str_key
 from ._errors import InvalidData, InvalidState, ReducerError, UnknownReducer
 from ._ids import check_id
 from ._types import Listener, Reducer, State
@@ -114,9 +114,9 @@ def _check(
     except InvalidState as e:
         raise InvalidState(f"the starting state for {name!r} is not a JSON object: {e}") from None
     data_json = _data_json(name, data)
-    # The engine hands every reducer this read-only view; it does not stop nested
-    # mutation, so a snapshot tells whether the reducer changed what others share.
-    prefs: Mapping[str, Any] = types.MappingProxyType(dict(preferences or {}))
+    # The engine hands every reducer this deep read-only view; objects inside it
+    # that are not dicts or lists can still change, which the snapshot catches.
+    prefs: Mapping[str, Any] = freeze(preferences or {})
     try:
         snapshot: Any = copy.deepcopy(dict(prefs))
     except Exception:  # services-like objects that cannot be copied: skip that check
@@ -264,7 +264,7 @@ def make_change(
         prev=_state_copy("prev", prev),
         state=_state_copy("state", state),
         applied_at=applied_at,
-        preferences=types.MappingProxyType(dict(preferences or {})),
+        preferences=freeze(preferences or {}),
         services=types.MappingProxyType(dict(services or {})),
         send=_Recorder(sent),
         listener=listener,

@@ -244,3 +244,73 @@ def test_a_reducer_that_sends_gets_a_clear_error_not_a_deadlock(make_app: Any) -
         app.send("impure", "a")
     assert isinstance(info.value.__cause__, casern.CasernError)
     assert app.get("a") is None and app.get("other") is None
+
+
+def test_idempotency_keys_longer_than_1024_characters_are_invalid_data(make_app: Any) -> None:
+    app = make_app()
+    with pytest.raises(casern.InvalidData, match="at most 1024 characters"):
+        app.send("inc", "a", key="k" * 1025)
+    with pytest.raises(casern.InvalidData, match="key must be a str"):
+        app.send("inc", "a", key=42)
+    assert app.get("a") is None
+    assert app.send("inc", "a", key="k" * 1024) == {"n": 1}
+
+
+def test_an_upgrade_that_returns_no_dict_is_named_in_the_error(make_app: Any) -> None:
+    make_app().send("inc", "a")
+    v2 = make_app(state_version=2, upgrade=lambda p, v, s: None)
+    with pytest.raises(casern.UpgradeError, match=r"upgrade\(preferences, 1, state\) must return"):
+        v2.get("a")
+
+
+def test_a_closed_app_says_it_is_closed(make_app: Any) -> None:
+    app = make_app()
+    app.send("inc", "a")
+    app.close()
+    app.close()  # twice is fine
+    for call in (
+        lambda: app.send("inc", "a"),
+        lambda: app.get("a"),
+        lambda: app.history("a"),
+        lambda: app.ids(),
+        lambda: app.failed(),
+        lambda: app.retry(),
+        lambda: app.migrate(),
+        lambda: app.run_once(),
+        app.start,
+    ):
+        with pytest.raises(casern.CasernError, match="app is closed"):
+            call()
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"keep_keys": -1}, "keep_keys must be an int >= 0"),
+        ({"cache_size": 1.5}, "cache_size must be an int >= 0"),
+        ({"backoff": {"attempts": 3}}, "backoff must be a casern.Backoff"),
+        ({"upgrade": 5}, "upgrade must be fn"),
+        ({"redeliver_after": -1}, "redeliver_after must be >= 0"),
+        ({"tick": 0}, "tick must be > 0"),
+        ({"state_version": 0}, "state_version must be an int >= 1"),
+    ],
+)
+def test_bad_options_are_refused_with_what_to_write(options: dict[str, Any], message: str) -> None:
+    with pytest.raises((TypeError, ValueError), match=message):
+        casern.Casern("sqlite://", {}, {}, {"inc": inc}, {}, **options)
+
+
+def test_bad_backoffs_and_tables_are_refused() -> None:
+    for bad in ({"attempts": 2.5}, {"attempts": 0}, {"initial": 10, "maximum": 1}, {"timeout": 0}):
+        with pytest.raises(ValueError, match="Backoff"):
+            casern.Backoff(**bad)
+    with pytest.raises(TypeError, match="reducers must be a mapping"):
+        casern.Casern("sqlite://", {}, {}, [inc], {})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "url", ["sqlite:orders.db", "sqlite://host/x.db", "sqlite:///x.db?mode=ro"]
+)
+def test_sqlite_url_typos_are_refused_not_guessed(url: str) -> None:
+    with pytest.raises(ValueError, match="sqlite:///"):
+        casern.Casern(url, {}, {}, {"inc": inc}, {})

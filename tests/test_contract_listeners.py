@@ -230,3 +230,54 @@ def test_a_new_app_delivers_what_a_closed_one_left_pending(make_app: Any) -> Non
     app2.run_once()
     assert app2.drain(10)
     assert first == [1] and second == [1]
+
+
+def test_hung_listeners_hold_back_no_other_listener_or_id(make_app: Any) -> None:
+    release = threading.Event()
+    quick: list[str] = []
+
+    def hang(c: casern.Change) -> None:
+        if c.id.startswith("h"):
+            release.wait(30)
+
+    app = make_app(
+        listeners={"hang": hang, "quick": lambda c: quick.append(c.id)},
+        backoff=casern.Backoff(attempts=1, initial=0.01, maximum=0.01, timeout=0.3),
+    )
+    try:
+        for i in range(40):  # more hung calls than any fixed pool of threads
+            app.send("inc", f"h{i}")
+        app.send("inc", "q")
+        assert app.drain(20)
+        assert "q" in quick and len(quick) == 41
+        assert {f["listener"] for f in app.failed()} == {"hang"}
+        assert "Backoff.timeout=0.3s" in app.failed()[0]["error"]
+    finally:
+        release.set()
+
+
+HUNG_LISTENER_SCRIPT = """
+import sys, time, casern
+app = casern.Casern(sys.argv[1], {}, {}, {"inc": lambda p, s, d: {"n": 1}},
+                    {"hang": lambda c: time.sleep(600)},
+                    backoff=casern.Backoff(attempts=1, timeout=0.2))
+app.send("inc", "a")
+app.close(timeout=0.5)
+print("closed")
+"""
+
+
+def test_a_hung_listener_does_not_keep_the_process_alive(store_url: str) -> None:
+    import subprocess
+    import sys
+
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-c", HUNG_LISTENER_SCRIPT, store_url],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "closed"
+    assert time.monotonic() - started < 30

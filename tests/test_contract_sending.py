@@ -193,3 +193,32 @@ def test_preferences_are_handed_read_only_to_reducers(make_app: Any) -> None:
 
 def _boom(preferences: Any, state: dict[str, Any], data: Any) -> dict[str, Any]:
     raise RuntimeError("kaboom")
+
+
+def test_values_equal_in_python_but_different_in_json_are_a_change(make_app: Any) -> None:
+    app = make_app({"set": lambda p, s, d: {"v": d}})
+    assert app.send("set", "a", 1) == {"v": 1}
+    assert app.send("set", "a", True)["v"] is True  # True == 1 in Python, not in JSON
+    assert app.send("set", "a", 0)["v"] == 0
+    assert app.send("set", "a", False)["v"] is False
+    assert app.send("set", "a", 0.0)["v"] == 0  # 0 and 0.0 are one JSON number
+    assert app.send("set", "a", 0)["v"] == 0
+    assert [h["data"] for h in app.history("a")] == [1, True, 0, False, 0]
+    assert app.get("a")["v"] == 0 and app.get("a")["v"] is not False
+
+
+def test_preferences_are_deep_read_only(make_app: Any) -> None:
+    def remember(preferences: Any, state: dict[str, Any], data: Any) -> dict[str, Any]:
+        preferences["limits"]["max"] = 999
+        return state
+
+    def count(preferences: Any, state: dict[str, Any], data: Any) -> dict[str, Any]:
+        return {"max": preferences["limits"]["max"], "tags": list(preferences["tags"])}
+
+    prefs = {"limits": {"max": 1}, "tags": ["a", "b"]}
+    app = make_app({"remember": remember, "count": count}, preferences=prefs)
+    with pytest.raises(casern.ReducerError, match="does not support item assignment"):
+        app.send("remember", "x")
+    assert app.send("count", "x") == {"max": 1, "tags": ["a", "b"]}
+    prefs["limits"]["max"] = 2  # the app took its own copy
+    assert app.send("count", "y") == {"max": 1, "tags": ["a", "b"]}

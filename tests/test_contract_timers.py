@@ -165,3 +165,17 @@ def test_two_worker_processes_fire_each_due_timer_exactly_once(
         state = app.get(id)
         assert len(state["fired"]) == 1, (id, state)
         assert state["fired"][0] >= state["remind_at"]
+
+
+def test_a_timers_function_returning_infinity_refuses_the_send(make_app: Any) -> None:
+    app = make_app(REDUCERS, timers={"wake": lambda p, s: float("inf")})
+    with pytest.raises(casern.ReducerError, match="returned inf"):
+        app.send("remind", "a", {"at": 1, "in": 1})
+    assert app.get("a") is None
+
+
+def test_run_once_never_fires_early_even_when_asked_for_a_later_now(make_app: Any) -> None:
+    app = make_app(REDUCERS, timers=TIMERS)
+    app.send("remind", "a", {"at": time.time(), "in": 3600})
+    app.run_once(now=time.time() + 7200)
+    assert app.get("a")["fired"] == []

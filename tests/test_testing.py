@@ -154,13 +154,34 @@ def test_a_reducer_that_raises_only_the_second_time_is_reported_as_impure() -> N
         check_reducer(flaky)
 
 
-def test_a_reducer_that_mutates_nested_preferences_fails_the_test() -> None:
+def test_a_reducer_that_mutates_nested_preferences_fails_as_in_the_app() -> None:
     def remember(preferences: Any, state: dict[str, Any], data: Any) -> dict[str, Any]:
-        preferences["seen"].append(data)
+        preferences["seen"].append(data)  # preferences are deep read-only: lists are tuples
+        return state
+
+    with pytest.raises(casern.ReducerError, match="AttributeError"):
+        check_reducer(remember, {}, "x", {"seen": []})
+    app = casern.Casern("sqlite://", {"seen": []}, {}, {"remember": remember}, {})
+    with app, pytest.raises(casern.ReducerError, match="AttributeError"):
+        app.send("remember", "a", "x")
+
+
+def test_a_reducer_that_mutates_an_object_in_preferences_fails_the_test() -> None:
+    class Registry:
+        def __init__(self) -> None:
+            self.seen: list[Any] = []
+
+        def __eq__(self, other: object) -> bool:
+            return isinstance(other, Registry) and other.seen == self.seen
+
+        __hash__ = None  # type: ignore[assignment]
+
+    def remember(preferences: Any, state: dict[str, Any], data: Any) -> dict[str, Any]:
+        preferences["registry"].seen.append(data)
         return state
 
     with pytest.raises(AssertionError, match="mutated preferences"):
-        check_reducer(remember, {}, "x", {"seen": []})
+        check_reducer(remember, {}, "x", {"registry": Registry()})
 
 
 def test_a_reducer_that_raises_is_reported_as_the_app_would_report_it() -> None:

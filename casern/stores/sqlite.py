@@ -70,9 +70,11 @@ class SQLiteStore(Store):
             raise ValueError(
                 f"an sqlite URL has no host: {url!r}; use sqlite:///relative.db or sqlite:////abs.db"
             )
-        self.path = path[1:] if path else ":memory:"
-        if not self.path:
-            self.path = ":memory:"
+        if path and not path.startswith("/"):  # sqlite:orders.db, a likely typo
+            raise ValueError(
+                f"not an sqlite URL: {url!r}; use sqlite:///relative.db or sqlite:////abs.db"
+            )
+        self.path = path[1:] or ":memory:"
         options = {k: v[-1].lower() for k, v in parse_qs(parts.query).items()}
         synchronous = options.pop("synchronous", "normal")
         if synchronous not in _SYNCHRONOUS or options:
