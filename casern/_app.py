@@ -378,6 +378,8 @@ class Casern:
                     log.error("firing a timer failed: %s", f.exception())
             if len(ids) < limit or time.monotonic() - started > max(self.tick, 1.0):
                 break
+        if fired:
+            log.info("fired the due timers of %d machine(s)", fired)
         self._recover(now)
         return fired
 

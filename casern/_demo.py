@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
+import shutil
 import sqlite3
 import sys
 import threading
@@ -474,9 +476,13 @@ def run(
     echo("  check: OK, every stored state matches what its user sent")
     echo("")
     store = "" if path == Path(DEFAULT_DB).absolute() else f" --store sqlite:///{path}"
+    # The command as this shell can run it: `.venv/bin/casern` when not on PATH.
+    script = sys.argv[0] if os.path.basename(sys.argv[0]) == "casern" else "casern"
+    if script != "casern" and shutil.which("casern") == os.path.abspath(script):
+        script = "casern"
     echo("Explore the database:")
-    echo(f"  casern --app casern._demo:make_app{store} ls --limit 5")
-    echo(f"  casern --app casern._demo:make_app{store} history {plan[0].id}")
+    echo(f"  {script} --app casern._demo:make_app{store} ls --limit 5")
+    echo(f"  {script} --app casern._demo:make_app{store} history {plan[0].id}")
     return 0
 
 
