@@ -181,17 +181,27 @@ def load_app(ref: str | None, store: str | None = None) -> Casern:
     if isinstance(target, Casern):
         app = target
     elif not callable(target):
-        raise CLIUsageError(f"--app {ref!r} is a {type(target).__name__}. {APP_HELP}")
+        kind = type(target).__name__
+        raise CLIUsageError(f"--app {ref!r} is a {kind} value, not an app. {APP_HELP}")
     elif store is not None and _accepts_store(target):
-        return _checked(target(store=store), ref)
+        return _checked(_call_factory(target, ref, store=store), ref)
     else:
-        app = _checked(target(), ref)
+        app = _checked(_call_factory(target, ref), ref)
     if store is None:
         return app
     try:
         return app.with_store(store)  # the same reducers, listeners and options
     finally:
         app.close()
+
+
+def _call_factory(factory: Callable[..., Any], ref: str, **kwargs: Any) -> Any:
+    try:
+        return factory(**kwargs)
+    except (CasernError, CLIError):
+        raise
+    except Exception as e:
+        raise CLIError(f"the app factory --app {ref} raised {type(e).__name__}: {e}") from e
 
 
 def _checked(app: Any, ref: str) -> Casern:
