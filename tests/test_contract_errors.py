@@ -314,3 +314,14 @@ def test_bad_backoffs_and_tables_are_refused() -> None:
 def test_sqlite_url_typos_are_refused_not_guessed(url: str) -> None:
     with pytest.raises(ValueError, match="sqlite:///"):
         casern.Casern(url, {}, {}, {"inc": inc}, {})
+
+
+def test_an_sqlite_file_from_a_newer_casern_is_refused_not_misread(tmp_path: Any) -> None:
+    import sqlite3
+
+    path = tmp_path / "newer.db"
+    casern.Casern(f"sqlite:///{path}", {}, {}, {"inc": inc}, {}).close()
+    with sqlite3.connect(path) as db:
+        db.execute("PRAGMA user_version = 99")
+    with pytest.raises(casern.StoreUnavailable, match="written by a newer casern"):
+        casern.Casern(f"sqlite:///{path}", {}, {}, {"inc": inc}, {})

@@ -48,6 +48,7 @@ CREATE TABLE IF NOT EXISTS history (
 ) WITHOUT ROWID;
 """
 
+SCHEMA_VERSION = 1  # the layout of the tables below
 _SYNCHRONOUS = {"off", "normal", "full", "extra"}
 _MAX_VARS = 500  # well below SQLITE_MAX_VARIABLE_NUMBER on every build
 
@@ -104,9 +105,22 @@ class SQLiteStore(Store):
             )
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute(f"PRAGMA synchronous={synchronous.upper()}")
-            self._retry(lambda: self._db.executescript(_SCHEMA))
+            self._retry(self._create_schema)
         except sqlite3.Error as e:
             raise StoreUnavailable(f"cannot open {url}: {e}") from e
+
+    def _create_schema(self) -> None:
+        # user_version numbers this file's layout, so that a later casern can
+        # migrate it and an older one refuses it instead of misreading it.
+        version = self._db.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise StoreUnavailable(
+                f"{self.url} was written by a newer casern (file layout {version}, this"
+                f" casern reads up to {SCHEMA_VERSION}); upgrade casern to open it"
+            )
+        self._db.executescript(_SCHEMA)
+        if version < SCHEMA_VERSION:
+            self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     # -- plumbing ---------------------------------------------------------------------
 
