@@ -222,3 +222,14 @@ def test_preferences_are_deep_read_only(make_app: Any) -> None:
     assert app.send("count", "x") == {"max": 1, "tags": ["a", "b"]}
     prefs["limits"]["max"] = 2  # the app took its own copy
     assert app.send("count", "y") == {"max": 1, "tags": ["a", "b"]}
+
+
+def test_casern_with_no_store_uses_casern_db_in_the_current_folder(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    with casern.Casern(reducers={"inc": inc}) as app:
+        assert app.send("inc", "a") == {"n": 1}
+    assert (tmp_path / "casern.db").exists()
+    with casern.Casern("sqlite:///casern.db", reducers={"inc": inc}) as again:
+        assert again.get("a") == {"n": 1}
