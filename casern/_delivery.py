@@ -69,7 +69,6 @@ class Dispatcher:
         self._lock = threading.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
         self._incoming: list[Delivery] = []
-        self._stopping = False
 
     # -- thread-safe entry points -------------------------------------------------------
 
@@ -120,7 +119,6 @@ class Dispatcher:
         if self._loop is None:
             return
         self.wait_idle(timeout)
-        self._stopping = True
         loop = self._loop
 
         async def cancel() -> None:
@@ -141,7 +139,6 @@ class Dispatcher:
             self._lanes.clear()
             self._incoming.clear()
             self._idle.notify_all()
-        self._stopping = False
 
     # -- the loop thread ----------------------------------------------------------------
 

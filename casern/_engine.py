@@ -421,8 +421,7 @@ class Engine:
         action.attempts += 1
         if action.attempts > self.max_conflicts:
             if action.kind == ACK:
-                if not self._stopping:  # no hurry: try again with the next sweep
-                    self.ack_again(action)
+                self.ack_again(action)  # no hurry: try again with the next sweep
                 return
             action.future.set_exception(
                 ConflictError(
@@ -508,16 +507,21 @@ class Engine:
     def _fail(self, actions: Sequence[Action], error: CasernError) -> None:
         for a in actions:
             if a.kind == ACK:
-                # Keep it for the next sweep; when stopping, drop it: the entries
-                # stay in the outbox and are delivered again by a later start().
-                if not self._stopping:
-                    self.ack_again(a)
+                self.ack_again(a)
             elif not a.future.done():
                 a.future.set_exception(error)
 
     def ack_again(self, a: Action) -> None:
+        """Keep an acknowledgement that could not be written for the next sweep.
+
+        When stopping it is dropped: its changes stay in the outbox and a later
+        `start()` delivers them again.
+        """
+        if self._stopping:
+            return
+        last = max(a.seqs)
         for seq in a.seqs:
-            self.ack(a.id, seq, a.failed if seq == max(a.seqs) else ())
+            self.ack(a.id, seq, a.failed if seq == last else ())
 
     @staticmethod
     def _resolve(plan: _Plan) -> None:
@@ -574,8 +578,9 @@ class Engine:
         except UpgradeError as e:
             state, upgrade_error = doc.get("state", {}), e
         upgraded = upgrade_error is None and doc.get("version") != self.state_version
-        current = upgrade_error is None and not upgraded and state_json is not None
-        cur_json = state_json if current and state_json is not None else dumps(state)
+        if state_json is None or upgrade_error is not None or upgraded:
+            state_json = dumps(state)
+        cur_json = state_json
         seq = int(doc.get("seq", 0))
         keys: list[str] = list(doc.get("keys", ()))
         due: dict[str, float] = dict(doc.get("due", {}))
@@ -588,9 +593,8 @@ class Engine:
         changed = False  # the state changed: new seq(s)
         meta = False  # something else in the envelope changed
 
-        def step(reducer: str, data_json: str, key: str | None, a: Action, now: float) -> None:
+        def step(name: str, data_json: str, key: str | None, a: Action, now: float) -> None:
             nonlocal state, cur_json, seq, changed
-            name = reducer
             try:
                 new = self.reducers[name](
                     self.preferences, json.loads(cur_json), json.loads(data_json)
@@ -687,13 +691,13 @@ class Engine:
 
         if changed and self.timers:
             try:
-                self._schedule(state, due, fired)
+                self._schedule(cur_json, due, fired)
             except ReducerError as e:
-                # The new state cannot be scheduled: refuse every change of this fold.
+                # The new state cannot be scheduled: refuse every change of this fold,
+                # and write nothing (a fresh plan: no history, no deliveries).
                 for i, (a, r) in enumerate(plan.results):
                     if a.kind == SEND and not isinstance(r, BaseException):
                         plan.results[i] = (a, e)
-                plan.doc = None
                 return _Plan(id, plan.rev, None, actions, plan.results)
         if changed and self.redeliver_after is not None and plan.deliveries:
             # Entries left pending by a process that died go first, so this id's
@@ -734,13 +738,11 @@ class Engine:
         plan.state_json = cur_json if upgrade_error is None else dumps(new_doc["state"])
         return plan
 
-    def _schedule(
-        self, state: dict[str, Any], due: dict[str, float], fired: dict[str, float]
-    ) -> None:
+    def _schedule(self, state_json: str, due: dict[str, float], fired: dict[str, float]) -> None:
         """Recompute due times after a change; a consumed time never fires again."""
         for name, timer in self.timers.items():
             try:
-                at = timer(self.preferences, json.loads(dumps(state)))
+                at = timer(self.preferences, json.loads(state_json))
             except Exception as e:
                 raise ReducerError(
                     f"timers function {name!r} raised {type(e).__name__}: {e}"
