@@ -37,8 +37,8 @@ from ._engine import (
     Delivery,
     Engine,
     dumps,
+    encode_data,
     freeze,
-    non_str_key,
 )
 from ._errors import CasernError, InvalidData, ReducerError, UnknownReducer
 from ._ids import check_id
@@ -202,14 +202,7 @@ class Casern:
                 f"key must be a str of at most {MAX_KEY_LENGTH} characters or None,"
                 f" not {type(key).__name__}" + (f" of {len(key)}" if isinstance(key, str) else "")
             )
-        try:
-            data_json = dumps(data)
-        except (TypeError, ValueError) as e:
-            raise InvalidData(f"data for {reducer!r} is not JSON: {e}") from None
-        if isinstance(data, dict | list) and (bad := non_str_key(data)) is not None:
-            raise InvalidData(
-                f"data for {reducer!r} has a non-str key {bad!r}; JSON keys are strings"
-            )
+        data_json = encode_data(reducer, data)
         validator = self._validators.get(reducer)
         if validator is not None:
             error = jsonschema.exceptions.best_match(validator.iter_errors(json.loads(data_json)))

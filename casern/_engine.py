@@ -28,6 +28,7 @@ from typing import Any
 from ._errors import (
     CasernError,
     ConflictError,
+    InvalidData,
     InvalidState,
     ReducerError,
     UpgradeError,
@@ -48,6 +49,17 @@ _ENCODE = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=
 def dumps(value: Any) -> str:
     """Canonical JSON text: compact, unicode kept, NaN refused."""
     return _ENCODE(value)
+
+
+def encode_data(reducer: str, data: Any) -> str:
+    """`data` as JSON text for `reducer`, or the `InvalidData` that says why it is not JSON."""
+    try:
+        text = dumps(data)
+    except (TypeError, ValueError) as e:
+        raise InvalidData(f"data for {reducer!r} is not JSON: {e}") from None
+    if isinstance(data, dict | list) and (bad := non_str_key(data)) is not None:
+        raise InvalidData(f"data for {reducer!r} has a non-str key {bad!r}; JSON keys are strings")
+    return text
 
 
 def freeze(value: Any) -> Any:

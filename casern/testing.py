@@ -34,8 +34,8 @@ from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
 from ._change import Change
-from ._engine import _normalize, dumps, freeze, non_str_key
-from ._errors import InvalidData, InvalidState, ReducerError, UnknownReducer
+from ._engine import _normalize, encode_data, freeze
+from ._errors import InvalidState, ReducerError, UnknownReducer
 from ._ids import check_id
 from ._types import Listener, Reducer, State
 
@@ -113,7 +113,7 @@ def _check(
         state_json, _ = _normalize({} if state is None else state)
     except InvalidState as e:
         raise InvalidState(f"the starting state for {name!r} is not a JSON object: {e}") from None
-    data_json = _data_json(name, data)
+    data_json = encode_data(name, data)
     # The engine hands every reducer this deep read-only view; objects inside it
     # that are not dicts or lists can still change, which the snapshot catches.
     prefs: Mapping[str, Any] = freeze(preferences or {})
@@ -162,17 +162,6 @@ def _reduce(
     return parsed
 
 
-def _data_json(reducer: str, data: Any) -> str:
-    """`data` as `send` encodes it, or the `InvalidData` that `send` would raise."""
-    try:
-        text = dumps(data)
-    except (TypeError, ValueError) as e:
-        raise InvalidData(f"data for {reducer!r} is not JSON: {e}") from None
-    if isinstance(data, dict | list) and (bad := non_str_key(data)) is not None:
-        raise InvalidData(f"data for {reducer!r} has a non-str key {bad!r}; JSON keys are strings")
-    return text
-
-
 def _difference(a: Any, b: Any, path: str = "$") -> str | None:
     """Where two JSON values first differ, as `at $.x[2]: 1 != 2`; None if equal."""
     if a == b:
@@ -218,7 +207,7 @@ class _Recorder:
             raise UnknownReducer(f"a reducer name must be a str, not {type(reducer).__name__}")
         check_id(id)
         # Recorded as a JSON copy: the real send encodes the data when it is called.
-        self.sent.append(Sent(reducer, id, json.loads(_data_json(reducer, data))))
+        self.sent.append(Sent(reducer, id, json.loads(encode_data(reducer, data))))
 
 
 @dataclass(frozen=True, slots=True)
@@ -258,7 +247,7 @@ def make_change(
     return RecordingChange(
         id=check_id(id),
         reducer=reducer,
-        data=json.loads(_data_json(reducer, data)),
+        data=json.loads(encode_data(reducer, data)),
         key=key,
         seq=seq,
         prev=_state_copy("prev", prev),
