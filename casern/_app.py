@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import threading
 import time
 import types
 from collections.abc import Callable, Mapping
@@ -21,6 +22,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 import jsonschema
+from apscheduler.executors.asyncio import AsyncIOExecutor
+from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.schedulers.base import BaseScheduler
@@ -29,6 +32,7 @@ from . import _aio
 from ._backoff import Backoff
 from ._delivery import Dispatcher
 from ._engine import (
+    CLAIM,
     FIRE,
     MIGRATE,
     RETRY,
@@ -48,6 +52,13 @@ from .stores import Store, open_store
 __all__ = ["Casern"]
 
 log = logging.getLogger("casern")
+# APScheduler logs two INFO lines per job run, and one at start: casern's own
+# executor alias and scheduler logger keep that chatter below WARNING, without
+# touching the levels of the user's own schedulers.
+_EXECUTOR = "casern"
+_SCHEDULER_LOG = logging.getLogger("casern.scheduler")
+_SCHEDULER_LOG.setLevel(logging.WARNING)
+logging.getLogger(f"apscheduler.executors.{_EXECUTOR}").setLevel(logging.WARNING)
 
 MAX_KEY_LENGTH = 1024
 _HISTORY_FIELDS = ("seq", "reducer", "data", "key", "applied_at", "version")
@@ -159,6 +170,8 @@ class Casern:
             self._queue_send,
         )
         self._scheduler: BaseScheduler | None = None
+        self._ticking = threading.Lock()
+        self._skipped_ticks = 0
         self._closed = False
         self._options: dict[str, Any] = {
             "schemas": schemas,
@@ -377,35 +390,78 @@ class Casern:
         return fired
 
     def _recover(self, now: float) -> None:
-        """Deliver changes left in the outbox by a process that died."""
+        """Redeliver changes left in the outbox by a process that died.
+
+        Never one this process committed or delivered: those stay in flight until
+        their acknowledgement is durable, and one whose acknowledgement lands while
+        the outbox is read is caught by the dispatcher's watch. Each change to
+        redeliver is first claimed in its envelope (see `Engine._claim`), so that
+        two live workers sweeping one store do not both run it.
+        """
         if not self.listeners:
             return
         before = now - self.redeliver_after
-        ids = self.store.pending(before, 1000)
-        if not ids:
+        wall = time.time()
+        seen = self._dispatcher.watch()
+        try:
+            # Ids with a change in flight here wait for a later sweep: their
+            # oldest entries are most likely ours, and reading them costs.
+            ids = [i for i in self.store.pending(before, 1000) if not self._dispatcher.busy(i)]
+            recs = self.store.get_many(ids) if ids else {}
+            wanted: dict[str, frozenset[int]] = {}
+            for id, rec in recs.items():
+                seqs = frozenset(
+                    e["seq"]
+                    for e in rec.doc.get("pending", ())
+                    if e["at"] <= before
+                    and not self._dispatcher.inflight(id, e["seq"])
+                    and (id, e["seq"]) not in seen  # checked after inflight: see watch()
+                    and not _claimed_by_other(e, self._engine.token, wall)
+                )
+                if seqs:
+                    wanted[id] = seqs
+        finally:
+            self._dispatcher.unwatch(seen)
+        if not wanted:
             return
-        deliveries = [
-            Delivery(id, entry)
-            for id, rec in self.store.get_many(ids).items()
-            for entry in rec.doc.get("pending", ())
-            if entry["at"] <= before and not self._dispatcher.inflight(id, entry["seq"])
+        futures = [
+            self._engine.submit(Action(CLAIM, id, Future(), seqs=seqs))
+            for id, seqs in wanted.items()
         ]
-        if deliveries:
-            log.info("redelivering %d pending change(s)", len(deliveries))
-            self._dispatcher.submit(deliveries)
+        wait_futures(futures)
+        claimed = sum(f.result() for f in futures if f.exception() is None)
+        if claimed:
+            log.info("redelivering %d change(s) left pending by another process", claimed)
 
     def _safe_tick(self) -> None:
+        # Under load a tick can outlast the interval: the ticks due meanwhile
+        # coalesce here, reported in one DEBUG line, not one warning per tick.
+        if not self._ticking.acquire(blocking=False):
+            self._skipped_ticks += 1
+            return
         try:
+            started = time.monotonic()
             self.run_once()
         except CasernError as e:
             log.warning("scheduler tick failed: %s", e)
+        finally:
+            skipped, self._skipped_ticks = self._skipped_ticks, 0
+            self._ticking.release()
+        if skipped:
+            log.debug(
+                "a scheduler tick took %.2fs; %d tick(s) due meanwhile coalesced into the next",
+                time.monotonic() - started,
+                skipped,
+            )
 
     def start(self) -> None:
         """Run timers and redelivery in the background (APScheduler), until `stop()`."""
         self._check_open()
         if self._scheduler is not None:
             return
-        scheduler = BackgroundScheduler(timezone="UTC")
+        scheduler = BackgroundScheduler(
+            timezone="UTC", executors={_EXECUTOR: ThreadPoolExecutor(2)}, logger=_SCHEDULER_LOG
+        )
         self._add_tick(scheduler, self._safe_tick)
         scheduler.start()
         self._scheduler = scheduler
@@ -425,7 +481,12 @@ class Casern:
         async def tick() -> None:
             await asyncio.to_thread(self._safe_tick)
 
-        scheduler = AsyncIOScheduler(timezone="UTC", event_loop=asyncio.get_running_loop())
+        scheduler = AsyncIOScheduler(
+            timezone="UTC",
+            event_loop=asyncio.get_running_loop(),
+            executors={_EXECUTOR: AsyncIOExecutor()},
+            logger=_SCHEDULER_LOG,
+        )
         self._add_tick(scheduler, tick)
         scheduler.start()
         self._scheduler = scheduler
@@ -445,8 +506,9 @@ class Casern:
             seconds=self.tick,
             id="casern-tick",
             next_run_time=datetime.now(UTC),
+            executor=_EXECUTOR,
             coalesce=True,
-            max_instances=1,
+            max_instances=1_000_000,  # overlapping ticks return at once (see _safe_tick)
             misfire_grace_time=None,
         )
 
@@ -472,3 +534,9 @@ class Casern:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _claimed_by_other(entry: Mapping[str, Any], token: str, now: float) -> bool:
+    """Whether another live process holds a claim on this pending entry."""
+    claim = entry.get("claim")
+    return claim is not None and claim["by"] != token and claim["until"] > now

@@ -60,7 +60,10 @@ class Dispatcher:
         self.backoff = backoff
         self._send = send
         self._lanes: dict[tuple[str, str], deque[_Job]] = {}
-        self._inflight: set[tuple[str, int]] = set()
+        # Changes this process committed or is delivering, until their acknowledgement
+        # is durable: a recovery sweep never hands them out again.
+        self._inflight: dict[str, set[int]] = {}
+        self._watches: list[set[tuple[str, int]]] = []
         self._jobs = 0
         self._idle = threading.Condition()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -78,10 +81,10 @@ class Dispatcher:
         fresh: list[Delivery] = []
         with self._idle:
             for d in deliveries:
-                key = (d.id, d.entry["seq"])
-                if key in self._inflight:
+                mine = self._inflight.setdefault(d.id, set())
+                if d.entry["seq"] in mine:
                     continue
-                self._inflight.add(key)
+                mine.add(d.entry["seq"])
                 self._jobs += 1
                 fresh.append(d)
         if not fresh:
@@ -100,12 +103,39 @@ class Dispatcher:
 
     def inflight(self, id: str, seq: int) -> bool:
         with self._idle:
-            return (id, seq) in self._inflight
+            return seq in self._inflight.get(id, ())
+
+    def busy(self, id: str) -> bool:
+        """Whether any change of `id` is in flight here."""
+        with self._idle:
+            return id in self._inflight
+
+    def watch(self) -> set[tuple[str, int]]:
+        """Start collecting the changes whose acknowledgement lands from now on.
+
+        A sweep reads the outbox, then asks what is in flight: a change acknowledged
+        in between looks pending and not in flight. Whatever was in flight when the
+        sweep began is either still in flight after the read or in this set.
+        """
+        seen: set[tuple[str, int]] = set()
+        with self._idle:
+            self._watches.append(seen)
+        return seen
+
+    def unwatch(self, seen: set[tuple[str, int]]) -> None:
+        with self._idle:
+            self._watches = [w for w in self._watches if w is not seen]
 
     def acked(self, id: str, seqs: frozenset[int]) -> None:
+        """The acknowledgement of (id, seq) for `seqs` is durable (or was not needed)."""
         with self._idle:
-            for seq in seqs:
-                self._inflight.discard((id, seq))
+            mine = self._inflight.get(id)
+            if mine is not None:
+                mine.difference_update(seqs)
+                if not mine:
+                    del self._inflight[id]
+            for seen in self._watches:
+                seen.update((id, seq) for seq in seqs)
 
     def wait_idle(self, timeout: float | None) -> bool:
         with self._idle:
@@ -223,7 +253,7 @@ class Dispatcher:
                         attempt,
                         error,
                     )
-                    failed = {k: v for k, v in job.entry.items() if k != "listeners"}
+                    failed = {k: v for k, v in job.entry.items() if k not in ("listeners", "claim")}
                     failed.update(listener=name, error=error, attempts=attempt)
                     job.failed.append(failed)
                     return

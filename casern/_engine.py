@@ -18,8 +18,9 @@ import random
 import threading
 import time
 import types
+import uuid
 from collections import OrderedDict, deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence, Set
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -39,6 +40,7 @@ from .stores.base import Doc, Record, Store, Write
 log = logging.getLogger("casern")
 
 SEND, FIRE, ACK, RETRY, MIGRATE, FLUSH = "send", "fire", "ack", "retry", "migrate", "flush"
+CLAIM = "claim"
 MAX_BATCH = 500
 
 
@@ -103,7 +105,7 @@ class Action:
     reducer: str = ""
     data_json: str = "null"
     key: str | None = None
-    seqs: frozenset[int] = frozenset()  # ACK: pending entries delivered
+    seqs: frozenset[int] = frozenset()  # ACK: pending entries delivered; CLAIM: to redeliver
     failed: list[Doc] = field(default_factory=list)  # ACK: deliveries that gave up
     attempts: int = 0
     now: float | None = None  # FIRE: fire what is due by then (never later than the clock)
@@ -235,6 +237,10 @@ class Engine:
         self.max_conflicts = max_conflicts
         self.ack_delay = ack_delay
         self.redeliver_after = redeliver_after
+        # Redelivering a stale change first writes a claim into its entry (revision-
+        # checked): other live processes leave it alone for `redeliver_after`, the
+        # grace a fresh commit gets, so two sweeps do not both run one change.
+        self.token = uuid.uuid4().hex
         self.cache = _LRU(cache_size)
         # Everything below is guarded by _lock. Whoever holds the `_leading` flag
         # is the one thread that folds and writes; see `submit`.
@@ -477,6 +483,8 @@ class Engine:
                     self._retry_later(a)
             else:
                 self._resolve(plan)
+                if plan.acked:
+                    self.on_acked(plan.id, frozenset(plan.acked))
         if not plans:
             return
         writes = [Write(p.id, p.rev, p.doc or {}, p.history) for p in plans]
@@ -674,9 +682,10 @@ class Engine:
                 plan.results.append((a, cur_json if fired_any else None))
             elif a.kind == ACK:
                 kept = [e for e in pending if e["seq"] not in a.seqs]
-                if len(kept) != len(pending) or a.failed:
-                    meta = True
-                    plan.acked.update(a.seqs)
+                meta = meta or len(kept) != len(pending) or bool(a.failed)
+                # Reported acknowledged even if nothing is left to remove (another
+                # process delivered it): the dispatcher stops tracking it either way.
+                plan.acked.update(a.seqs)
                 pending = kept
                 failed.extend(a.failed)
                 plan.results.append((a, None))
@@ -700,6 +709,11 @@ class Engine:
             elif a.kind == MIGRATE:
                 plan.results.append((a, upgraded))
                 meta = meta or upgraded
+            elif a.kind == CLAIM:
+                claimed = self._claim(id, pending, a.seqs, now)
+                plan.deliveries.extend(claimed)
+                meta = meta or bool(claimed)
+                plan.results.append((a, len(claimed)))
 
         if changed and self.timers:
             try:
@@ -715,12 +729,14 @@ class Engine:
             # Entries left pending by a process that died go first, so this id's
             # listeners still run in seq order (the dispatcher skips those in flight).
             ours = {d.entry["seq"] for d in plan.deliveries}
-            cutoff = time.time() - self.redeliver_after
-            stale = [
-                Delivery(id, e)
+            now = time.time()
+            cutoff = now - self.redeliver_after
+            old = {
+                e["seq"]
                 for e in pending
                 if e["seq"] not in ours and e["seq"] < max(ours) and e["at"] <= cutoff
-            ]
+            }
+            stale = self._claim(id, pending, old, now) if old else []
             plan.deliveries[:0] = sorted(stale, key=lambda d: d.entry["seq"])
         if not (changed or meta or plan.flush_log):
             return plan
@@ -749,6 +765,24 @@ class Engine:
         plan.doc = new_doc
         plan.state_json = cur_json if upgrade_error is None else dumps(new_doc["state"])
         return plan
+
+    def _claim(self, id: str, pending: list[Doc], seqs: Set[int], now: float) -> list[Delivery]:
+        """Claim the entries of `seqs` no other live process holds; replaces them in place.
+
+        A live claim by another process is left alone; the revision check of the
+        write that carries the claims makes one process win a race for the same entry.
+        """
+        claimed: list[Delivery] = []
+        for i, e in enumerate(pending):
+            if e["seq"] not in seqs:
+                continue
+            claim = e.get("claim")
+            if claim is not None and claim["by"] != self.token and claim["until"] > now:
+                continue
+            until = now + (self.redeliver_after or 0.0)
+            pending[i] = e = dict(e, claim={"by": self.token, "until": until})
+            claimed.append(Delivery(id, e))
+        return claimed
 
     def _schedule(self, state_json: str, due: dict[str, float], fired: dict[str, float]) -> None:
         """Recompute due times after a change; a consumed time never fires again."""
