@@ -10,11 +10,14 @@ due timers and redelivers changes left pending by a process that died.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import json
 import logging
 import threading
 import time
 import types
+import warnings
+import weakref
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from concurrent.futures import wait as wait_futures
@@ -154,8 +157,10 @@ class Casern:
             history=history,
             state_version=state_version,
             upgrade=upgrade,
-            on_commit=self._on_commit,
-            on_acked=self._on_acked,
+            # Weak: the background threads must not keep an app alive that its
+            # user dropped, so that it can be collected (and warned about).
+            on_commit=_weak(self._on_commit, None),
+            on_acked=_weak(self._on_acked, None),
             keep_keys=keep_keys,
             cache_size=cache_size,
             redeliver_after=redeliver_after,
@@ -167,7 +172,7 @@ class Casern:
             self.preferences,
             self.services,
             backoff,
-            self._queue_send,
+            _weak(self._queue_send, CasernError("the Casern app of this listener is gone")),
         )
         self._scheduler: BaseScheduler | None = None
         self._ticking = threading.Lock()
@@ -185,6 +190,8 @@ class Casern:
             "keep_keys": keep_keys,
             "cache_size": cache_size,
         }
+        self._dispatcher.keep_alive(self)
+        _open_apps.add(self)
 
     def _check_open(self) -> None:
         if self._closed:
@@ -257,10 +264,12 @@ class Casern:
         return self.store.ids(prefix=prefix, after=after, limit=limit)
 
     def drain(self, timeout: float | None = None) -> bool:
-        """Wait until every queued send is committed and every listener has run.
+        """Wait until every queued send is committed, every listener has run and
+        every acknowledgement and failure record is written to the store.
 
         Returns False if `timeout` passed first. Handy in tests, scripts and demos.
         """
+        self._dispatcher.check_not_inside("drain")
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -269,9 +278,12 @@ class Casern:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             if not self._dispatcher.wait_idle(left):
                 return False
-            if self._engine.wait_idle(0):  # listeners may have sent more
-                self._engine.flush()  # so failed() and the outbox reflect what ran
-                return True
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            # So that failed() and the outbox reflect what ran.
+            if not self._engine.flush(left):
+                return False
+            if self._engine.wait_idle(0) and self._dispatcher.wait_idle(0):
+                return True  # else listeners sent more meanwhile: once more
 
     # -- listener failures --------------------------------------------------------------
 
@@ -522,12 +534,48 @@ class Casern:
         """
         if self._closed:
             return
-        self.stop()
-        self.drain(timeout)
+        self._dispatcher.check_not_inside("close")
+        deadline = time.monotonic() + timeout
+        # A bit of the time is kept for writing the acknowledgements of what ran.
+        reserve = min(1.0, timeout / 4)
+
+        def left(keep: float = 0.0) -> float:
+            return max(0.0, deadline - time.monotonic() - keep)
+
+        if self._scheduler is not None:
+            self._scheduler.shutdown(wait=False)
+            self._scheduler = None
+        if self._ticking.acquire(timeout=left(reserve)):  # a tick under way ends first
+            self._ticking.release()
+        self.drain(left(reserve))
         self._closed = True
-        self._dispatcher.stop(timeout)
-        self._engine.stop()
-        self.store.close()
+        self._dispatcher.stop(left(reserve))
+        if not self._engine.stop(left()):
+            log.warning(
+                "close(timeout=%g): the store was still being written; it is closed"
+                " once those writes end",
+                timeout,
+            )
+            self._engine.then(self.store.close)
+        else:
+            self.store.close()
+        _open_apps.discard(self)
+
+    def __del__(self) -> None:
+        if getattr(self, "_closed", True):
+            return
+        warnings.warn(
+            f"unclosed {self!r}: call app.close() (or use `with`) when done; make one app"
+            " per process at start-up rather than one per request",
+            ResourceWarning,
+            source=self,
+            stacklevel=1,
+        )
+        self._closed = True
+        # Collected: nothing is waited for (this may run in any thread, even ours).
+        self._dispatcher.abandon()
+        self._engine.stop(0)
+        self._engine.then(self.store.close)
 
     def __enter__(self) -> Casern:
         return self
@@ -540,3 +588,33 @@ def _claimed_by_other(entry: Mapping[str, Any], token: str, now: float) -> bool:
     """Whether another live process holds a claim on this pending entry."""
     claim = entry.get("claim")
     return claim is not None and claim["by"] != token and claim["until"] > now
+
+
+def _weak(method: Callable[..., Any], gone: Exception | None) -> Callable[..., Any]:
+    """Call `method` while its object lives; after that, raise `gone` (or do nothing)."""
+    ref = weakref.WeakMethod(method)
+
+    def call(*args: Any) -> Any:
+        fn = ref()
+        if fn is not None:
+            return fn(*args)
+        if gone is not None:
+            raise gone
+        return None
+
+    return call
+
+
+# Apps still open when the interpreter exits normally (a web worker told to stop
+# just returns) are closed then, so that listeners under way finish. Weak: this
+# registry keeps no app alive.
+_open_apps: weakref.WeakSet[Casern] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_at_exit() -> None:
+    for app in list(_open_apps):
+        try:
+            app.close()
+        except Exception:
+            log.exception("closing %r at exit failed", app)

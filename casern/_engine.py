@@ -251,6 +251,9 @@ class Engine:
         self._retries: list[tuple[float, int, Action]] = []
         self._tiebreak = 0
         self._acks: OrderedDict[str, tuple[set[int], list[Doc], float]] = OrderedDict()
+        self._sweeping = False  # a flush asked for every deferred ack to be written
+        self._on_exit: list[Callable[[], None]] = []
+        self._exited = False
         self._kick = threading.Event()
         self._here = threading.local()  # .leading: this thread is folding right now
         self._idle = threading.Condition()
@@ -312,28 +315,62 @@ class Engine:
         with self._idle:
             return self._idle.wait_for(lambda: self._outstanding == 0, timeout)
 
-    def flush(self) -> None:
-        """Write every deferred acknowledgement now (and wait for it)."""
-        self.submit(Action(FLUSH, "", Future())).result()
+    def flush(self, timeout: float | None = None) -> bool:
+        """Write every deferred acknowledgement now; True once none is left unwritten.
 
-    def stop(self) -> None:
-        """Commit what is queued, write the deferred acknowledgements, stop the thread."""
+        An acknowledgement that conflicted waits for its retry: True only when
+        that one has landed too (or `timeout` passed first: False).
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                self.submit(Action(FLUSH, "", Future())).result(left)
+            except TimeoutError:
+                return False
+            with self._lock:
+                unwritten = bool(self._acks) or any(a.kind == ACK for _, _, a in self._retries)
+            if not unwritten:
+                return True
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            time.sleep(0.005)  # a conflicting ack retries within milliseconds
+
+    def stop(self, timeout: float | None = None) -> bool:
+        """Commit what is queued, write the deferred acknowledgements, stop the thread.
+
+        False if the thread was still writing after `timeout`: it stops by itself
+        once done, then runs what `then` gave it.
+        """
         thread = self._thread
         if thread is None:
-            return
+            return True
         with self._lock:
             self._stopping = True
         self._kick.set()
-        thread.join()
+        if thread is not threading.current_thread():
+            thread.join(timeout)
+        if thread.is_alive():
+            return False
         with self._lock:
             self._thread = None
             self._stopping = False
+        return True
+
+    def then(self, fn: Callable[[], None]) -> None:
+        """Run `fn` in the committer thread once it has stopped (now, if it has)."""
+        with self._lock:
+            if self._thread is not None and not self._exited:
+                self._on_exit.append(fn)
+                return
+        fn()
 
     # -- the committer ------------------------------------------------------------------
 
     def _start(self) -> None:
         with self._lock:
             if self._thread is None:
+                self._exited = False
                 self._thread = threading.Thread(
                     target=self._run, name="casern-committer", daemon=True
                 )
@@ -357,8 +394,13 @@ class Engine:
             self._lead(None)
             if stopping:
                 with self._lock:
-                    if not (self._queue or self._retries or self._acks):
-                        return
+                    if self._queue or self._retries or self._acks:
+                        continue
+                    on_exit, self._on_exit = self._on_exit, []
+                    self._exited = True
+                for fn in on_exit:
+                    fn()
+                return
 
     def _lead(self, own: Action | None) -> None:
         """Write batches until nothing is left (or, for a sender, its own action is done)."""
@@ -410,12 +452,16 @@ class Engine:
             ids = {a.id for a in batch}
             for id in ids & self._acks.keys():
                 batch.append(self._ack_action(id))
-            sweep = stopping or bool(flushes)
+            # A flush sweeps every deferred ack, batch after batch, not just one batch.
+            self._sweeping = self._sweeping or bool(flushes)
+            sweep = stopping or self._sweeping
             while self._acks and len(batch) < MAX_BATCH:
                 id, (_, _, since) = next(iter(self._acks.items()))
                 if not (sweep or (not ids and now - since >= self.ack_delay)):
                     break  # acks are in arrival order: the rest are younger
                 batch.append(self._ack_action(id))
+            if not self._acks:
+                self._sweeping = False
         return batch, flushes
 
     def _ack_action(self, id: str) -> Action:
