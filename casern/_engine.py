@@ -42,6 +42,7 @@ log = logging.getLogger("casern")
 SEND, FIRE, ACK, RETRY, MIGRATE, FLUSH = "send", "fire", "ack", "retry", "migrate", "flush"
 CLAIM = "claim"
 MAX_BATCH = 500
+YEAR_5000 = datetime(5000, 1, 1, tzinfo=UTC).timestamp()  # due times beyond: milliseconds
 
 
 # One encoder, built once: json.dumps with options builds a new one per call.
@@ -848,6 +849,12 @@ class Engine:
                     f"timers function {name!r} returned {at!r}; return epoch seconds or None"
                 )
             at = float(at)
+            if at > YEAR_5000:
+                raise ReducerError(
+                    f"timers function {name!r} returned {at!r}, a time after the year 5000:"
+                    " that looks like milliseconds (a JavaScript habit); return epoch seconds,"
+                    " e.g. time.time() + 60"
+                )
             if fired.get(name) == at:
                 due.pop(name, None)
                 continue
