@@ -9,6 +9,7 @@ file: writes take the lock with `BEGIN IMMEDIATE` and wait on a busy timeout.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -21,6 +22,7 @@ from typing import Any, TypeVar
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from .._errors import StoreUnavailable
+from .._query import All, AnyOf, Query, Scalar
 from .base import Doc, Record, Store, Write, chunks, index_fields
 
 __all__ = ["SQLiteStore"]
@@ -270,6 +272,30 @@ class SQLiteStore(Store):
         high = prefix + "\U0010ffff" if prefix else "\U0010ffff\U0010ffff"
         return self._ids_where(sql, (low, high, limit))
 
+    # -- find: the store-neutral query as SQL over the JSON envelope ------------------
+
+    def ensure_indexes(self, fields: Sequence[tuple[str, ...]]) -> None:
+        """One expression index per field, `(json_extract(doc, path), id)`: matches in id order."""
+
+        def run(db: sqlite3.Connection) -> None:
+            for path in fields:
+                name = "find_" + hashlib.sha1(_json_path(path).encode()).hexdigest()[:16]
+                db.execute(f"CREATE INDEX IF NOT EXISTS {name} ON machines ({_extract(path)}, id)")
+
+        if fields:
+            self._transaction(run)
+
+    def find(self, query: Query, *, limit: int, after: str | None = None) -> list[str]:
+        args: list[Any] = []
+        where = _where(query, args)
+        if after is not None:
+            where = f"({where}) AND id > ?"
+            args.append(after)
+        args.append(limit)
+        return self._ids_where(
+            f"SELECT id FROM machines WHERE {where} ORDER BY id LIMIT ?", tuple(args)
+        )
+
     def count(self) -> int:
         """How many machines are stored (used by `casern migrate` for its progress bar)."""
         return int(
@@ -282,6 +308,80 @@ class SQLiteStore(Store):
             for reader in list(self._readers):
                 reader.db.close()
             self._db.close()
+
+
+# A field's JSON path is the only part of a query written into the SQL text (an
+# expression index is used only by a query that spells the same expression), so
+# it is quoted twice: each key as a JSON path string (`_query.check_path` refused
+# keys holding quotes, backslashes or control characters), the whole as an SQL
+# string literal. Every value is a bound parameter.
+
+
+def _json_path(path: tuple[str, ...]) -> str:
+    return "$.state" + "".join(f'."{key}"' for key in path)
+
+
+def _literal(path: tuple[str, ...]) -> str:
+    return "'" + _json_path(path).replace("'", "''") + "'"
+
+
+def _extract(path: tuple[str, ...]) -> str:
+    return f"json_extract(doc, {_literal(path)})"
+
+
+_NUMBER = "IN ('integer', 'real')"
+
+
+def _where(query: Query, args: list[Any]) -> str:
+    """SQL for one query node; values are appended to `args`, never written inline."""
+    if isinstance(query, All):
+        return " AND ".join(f"({_where(q, args)})" for q in query.parts) or "1"
+    if isinstance(query, AnyOf):
+        return " OR ".join(f"({_where(q, args)})" for q in query.parts)
+    path = _literal(query.path)
+    x, t = f"json_extract(doc, {path})", f"json_type(doc, {path})"
+    op, value = query.op, query.value
+    if op == "exists":
+        return f"{t} IS NOT NULL" if value else f"{t} IS NULL"
+    if op == "eq":
+        return _in(x, t, (value,), args)
+    if op == "ne":
+        return f"{t} IS NOT NULL AND NOT ({_in(x, t, (value,), args)})"
+    if op in ("in", "nin"):
+        # As in CouchDB, $in also matches an array holding one of the values.
+        one = _in(x, t, value, args)
+        each = _in("value", "type", value, args)
+        items = f"SELECT 1 FROM json_each(doc, {path}) WHERE {each}"
+        found = f"{one} OR ({t} = 'array' AND EXISTS ({items}))"
+        return found if op == "in" else f"{t} IS NOT NULL AND NOT ({found})"
+    sign = {"gt": ">", "gte": ">=", "lt": "<", "lte": "<="}[op]
+    args.append(value)
+    if isinstance(value, str):
+        # Text sorts above numbers: bound the range below for < and <=.
+        low = f" AND {x} >= ''" if op in ("lt", "lte") else ""
+        return f"{x} {sign} ?{low} AND {t} = 'text'"
+    high = f" AND {x} < ''" if op in ("gt", "gte") else ""  # numbers only, not text
+    return f"{x} {sign} ?{high} AND {t} {_NUMBER}"
+
+
+def _in(x: str, t: str, values: tuple[Scalar, ...], args: list[Any]) -> str:
+    """SQL true where the JSON value (`x` its SQL value, `t` its json_type) is one of `values`."""
+    terms = []
+    strings = [v for v in values if isinstance(v, str)]
+    numbers = [v for v in values if isinstance(v, int | float) and not isinstance(v, bool)]
+    bools = [v for v in values if isinstance(v, bool)]
+    for group, types in ((strings, "= 'text'"), (numbers, _NUMBER)):
+        if group:
+            args.extend(group)
+            terms.append(f"({x} IN ({','.join('?' * len(group))}) AND {t} {types})")
+    if bools:
+        # json_extract gives 1 and 0 for true and false: the type tells them from numbers.
+        args.extend(int(v) for v in bools)
+        names = ",".join(f"'{'true' if v else 'false'}'" for v in bools)
+        terms.append(f"({x} IN ({','.join('?' * len(bools))}) AND {t} IN ({names}))")
+    if None in values:
+        terms.append(f"({x} IS NULL AND {t} = 'null')")
+    return " OR ".join(terms) or "0"
 
 
 class _Reader:
