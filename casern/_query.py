@@ -28,7 +28,7 @@ from typing import Any
 
 from ._errors import InvalidQuery
 
-__all__ = ["All", "AnyOf", "Cond", "Query", "Scalar", "check_path", "matches", "parse"]
+__all__ = ["All", "AnyOf", "Cond", "Query", "Scalar", "check_path", "matches", "parse", "paths"]
 
 Scalar = None | bool | int | float | str
 
@@ -242,6 +242,13 @@ def _kind(value: Any) -> str:
     if value is None:
         return "null"
     return f"{type(value).__name__} {value!r:.40}"
+
+
+def paths(query: Query) -> list[tuple[str, ...]]:
+    """The fields a query reads, each once, in order."""
+    if isinstance(query, Cond):
+        return [query.path]
+    return list(dict.fromkeys(p for q in query.parts for p in paths(q)))
 
 
 # -- the reference meaning, in Python ------------------------------------------------
