@@ -8,13 +8,17 @@ agree with.
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import httpx
 import pytest
 
 import casern
 from casern._query import matches, parse
+from casern.stores.couchdb import _mango
+from casern.stores.sqlite import find_sql
 from conftest import STORES, fresh_couch_db
 
 
@@ -273,3 +277,53 @@ def test_bad_limits_after_and_indexes_are_refused(
         make_app({"put": put}, indexes=("owner.",))
     with pytest.raises(TypeError, match="indexes is a list of field names"):
         make_app({"put": put}, indexes="status")
+
+
+INDEX_SERVED = [
+    {"status": "open"},
+    {"status": {"$in": ["open", "closed"]}},
+    {"n": {"$gt": 5}},
+    {"n": {"$lte": "5"}},
+    {"status": "open", "tags": {"$exists": False}},
+]
+
+
+@pytest.mark.parametrize("selector", INDEX_SERVED, ids=[str(s) for s in INDEX_SERVED])
+def test_a_selector_on_an_indexed_field_is_served_by_its_index(
+    make_app: Callable[..., casern.Casern], store_url: str, selector: Any
+) -> None:
+    app = make_app({"put": put}, indexes=("status", "n"))
+    app.send("put", "a", {"status": "open", "n": 7})
+    query = parse(selector)
+    if store_url.startswith("sqlite"):
+        sql, args = find_sql(query, limit=10, after="0")
+        plan = [row[3] for row in app.store._db.execute(f"EXPLAIN QUERY PLAN {sql}", args)]  # type: ignore[attr-defined]
+        assert any(step.startswith("SEARCH machines USING INDEX find_") for step in plan), plan
+        # The only scan allowed is of the (partial) index of rows holding arrays.
+        assert all("_arrays" in step for step in plan if step.startswith("SCAN machines")), plan
+    else:
+        body = {"selector": _mango(query), "fields": ["_id"]}
+        answer = httpx.post(f"{store_url}/_explain", json=body, timeout=10).json()
+        assert answer["index"]["ddoc"].startswith("_design/casern-find-"), answer["index"]
+
+
+def stored_find_indexes(store_url: str) -> list[tuple[str, str]]:
+    """The find indexes in the store: (name, definition) in SQLite, (ddoc, _rev) in CouchDB."""
+    if store_url.startswith("sqlite"):
+        with sqlite3.connect(store_url.removeprefix("sqlite:///")) as db:
+            rows = db.execute("SELECT name, sql FROM sqlite_master WHERE name LIKE 'find_%'")
+            return sorted(rows.fetchall())
+    params = {"startkey": '"_design/casern-find-"', "endkey": '"_design/casern-find.."'}
+    rows = httpx.get(f"{store_url}/_all_docs", params=params, timeout=10).json()["rows"]
+    return sorted((row["id"], row["value"]["rev"]) for row in rows)
+
+
+def test_indexes_are_created_only_when_missing(
+    make_app: Callable[..., casern.Casern], store_url: str
+) -> None:
+    make_app({"put": put}, indexes=("status", "owner.team")).close()
+    before = stored_find_indexes(store_url)
+    assert len(before) == (4 if store_url.startswith("sqlite") else 2)
+    # Opened again: nothing re-posted (pouchdb-server would rebuild an index posted twice).
+    make_app({"put": put}, indexes=("owner.team", "status")).close()
+    assert stored_find_indexes(store_url) == before

@@ -275,26 +275,24 @@ class SQLiteStore(Store):
     # -- find: the store-neutral query as SQL over the JSON envelope ------------------
 
     def ensure_indexes(self, fields: Sequence[tuple[str, ...]]) -> None:
-        """One expression index per field, `(json_extract(doc, path), id)`: matches in id order."""
+        """Two indexes per field: its value (then id, so equal values come in id order),
+        and the few rows where it is an array (for `$in`, which looks inside arrays)."""
 
         def run(db: sqlite3.Connection) -> None:
             for path in fields:
                 name = "find_" + hashlib.sha1(_json_path(path).encode()).hexdigest()[:16]
-                db.execute(f"CREATE INDEX IF NOT EXISTS {name} ON machines ({_extract(path)}, id)")
+                value, kind = _value_and_type(path)
+                db.execute(f"CREATE INDEX IF NOT EXISTS {name} ON machines ({value}, id)")
+                db.execute(
+                    f"CREATE INDEX IF NOT EXISTS {name}_arrays ON machines (id)"
+                    f" WHERE {kind} = 'array'"
+                )
 
         if fields:
             self._transaction(run)
 
     def find(self, query: Query, *, limit: int, after: str | None = None) -> list[str]:
-        args: list[Any] = []
-        where = _where(query, args)
-        if after is not None:
-            where = f"({where}) AND id > ?"
-            args.append(after)
-        args.append(limit)
-        return self._ids_where(
-            f"SELECT id FROM machines WHERE {where} ORDER BY id LIMIT ?", tuple(args)
-        )
+        return self._ids_where(*find_sql(query, limit=limit, after=after))
 
     def count(self) -> int:
         """How many machines are stored (used by `casern migrate` for its progress bar)."""
@@ -321,12 +319,25 @@ def _json_path(path: tuple[str, ...]) -> str:
     return "$.state" + "".join(f'."{key}"' for key in path)
 
 
+def find_sql(query: Query, *, limit: int, after: str | None) -> tuple[str, tuple[Any, ...]]:
+    """The SELECT that answers `find`, and its parameters (tests read its query plan)."""
+    args: list[Any] = []
+    where = _where(query, args)
+    if after is not None:
+        where = f"({where}) AND id > ?"
+        args.append(after)
+    args.append(limit)
+    return f"SELECT id FROM machines WHERE {where} ORDER BY id LIMIT ?", tuple(args)
+
+
 def _literal(path: tuple[str, ...]) -> str:
     return "'" + _json_path(path).replace("'", "''") + "'"
 
 
-def _extract(path: tuple[str, ...]) -> str:
-    return f"json_extract(doc, {_literal(path)})"
+def _value_and_type(path: tuple[str, ...]) -> tuple[str, str]:
+    """SQL for a field's value (json_extract gives 1/0 for true/false) and its JSON type."""
+    literal = _literal(path)
+    return f"json_extract(doc, {literal})", f"json_type(doc, {literal})"
 
 
 _NUMBER = "IN ('integer', 'real')"
@@ -338,8 +349,7 @@ def _where(query: Query, args: list[Any]) -> str:
         return " AND ".join(f"({_where(q, args)})" for q in query.parts) or "1"
     if isinstance(query, AnyOf):
         return " OR ".join(f"({_where(q, args)})" for q in query.parts)
-    path = _literal(query.path)
-    x, t = f"json_extract(doc, {path})", f"json_type(doc, {path})"
+    x, t = _value_and_type(query.path)
     op, value = query.op, query.value
     if op == "exists":
         return f"{t} IS NOT NULL" if value else f"{t} IS NULL"
@@ -351,8 +361,10 @@ def _where(query: Query, args: list[Any]) -> str:
         # As in CouchDB, $in also matches an array holding one of the values.
         one = _in(x, t, value, args)
         each = _in("value", "type", value, args)
-        items = f"SELECT 1 FROM json_each(doc, {path}) WHERE {each}"
-        found = f"{one} OR ({t} = 'array' AND EXISTS ({items}))"
+        # The arrays come from their own (partial) index: `id IN` keeps both index-served.
+        items = f"SELECT 1 FROM json_each(doc, {_literal(query.path)}) WHERE {each}"
+        arrays = f"SELECT id FROM machines WHERE {t} = 'array' AND EXISTS ({items})"
+        found = f"{one} OR id IN ({arrays})"
         return found if op == "in" else f"{t} IS NOT NULL AND NOT ({found})"
     sign = {"gt": ">", "gte": ">=", "lt": "<", "lte": "<="}[op]
     args.append(value)
