@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from .._errors import StoreUnavailable
-from .._query import All, AnyOf, Query, Scalar
+from .._query import RANGES, All, AnyOf, Cond, Query, Scalar
 from .base import Doc, Record, Store, Write, chunks, index_fields
 
 __all__ = ["SQLiteStore"]
@@ -341,12 +341,17 @@ def _value_and_type(path: tuple[str, ...]) -> tuple[str, str]:
 
 
 _NUMBER = "IN ('integer', 'real')"
+_TEXT = "= 'text'"
 
 
-def _where(query: Query, args: list[Any]) -> str:
-    """SQL for one query node; values are appended to `args`, never written inline."""
+def _where(query: Query, args: list[Any], bounded: frozenset[_Side] = frozenset()) -> str:
+    """SQL for one query node; values are appended to `args`, never written inline.
+
+    `bounded`: the range sides that sibling conditions of an `$and` already give.
+    """
     if isinstance(query, All):
-        return " AND ".join(f"({_where(q, args)})" for q in query.parts) or "1"
+        sides = frozenset(_side(q) for q in query.parts if isinstance(q, Cond) and q.op in RANGES)
+        return " AND ".join(f"({_where(q, args, sides)})" for q in query.parts) or "1"
     if isinstance(query, AnyOf):
         return " OR ".join(f"({_where(q, args)})" for q in query.parts)
     x, t = _value_and_type(query.path)
@@ -368,12 +373,33 @@ def _where(query: Query, args: list[Any]) -> str:
         return found if op == "in" else f"{t} IS NOT NULL AND NOT ({found})"
     sign = {"gt": ">", "gte": ">=", "lt": "<", "lte": "<="}[op]
     args.append(value)
-    if isinstance(value, str):
-        # Text sorts above numbers: bound the range below for < and <=.
-        low = f" AND {x} >= ''" if op in ("lt", "lte") else ""
-        return f"{x} {sign} ?{low} AND {t} = 'text'"
-    high = f" AND {x} < ''" if op in ("gt", "gte") else ""  # numbers only, not text
-    return f"{x} {sign} ?{high} AND {t} {_NUMBER}"
+    sql = f"{x} {sign} ?"
+    path, kind, side = _side(query)
+    other = "high" if side == "low" else "low"
+    if (path, kind, other) not in bounded:
+        # Close the range at the end of its type (SQLite sorts null < numbers < text
+        # < blobs): a range bounded on both sides is one the planner trusts over
+        # the primary key, and it skips values of other types in the index.
+        bound, limit = _TYPE_BOUNDS[kind, other]
+        sql += f" AND {x} {bound} ?"
+        args.append(limit)
+    return f"{sql} AND {t} {_TEXT if kind == 'text' else _NUMBER}"
+
+
+_Side = tuple[tuple[str, ...], str, str]
+
+_TYPE_BOUNDS: dict[tuple[str, str], tuple[str, Any]] = {
+    ("number", "low"): (">=", float("-inf")),
+    ("number", "high"): ("<", ""),
+    ("text", "low"): (">=", ""),
+    ("text", "high"): ("<", b""),
+}
+
+
+def _side(cond: Cond) -> _Side:
+    """(path, value type, side) of a range condition: `$gt 5` is the low side of numbers."""
+    kind = "text" if isinstance(cond.value, str) else "number"
+    return cond.path, kind, "low" if cond.op in ("gt", "gte") else "high"
 
 
 def _in(x: str, t: str, values: tuple[Scalar, ...], args: list[Any]) -> str:
@@ -382,7 +408,7 @@ def _in(x: str, t: str, values: tuple[Scalar, ...], args: list[Any]) -> str:
     strings = [v for v in values if isinstance(v, str)]
     numbers = [v for v in values if isinstance(v, int | float) and not isinstance(v, bool)]
     bools = [v for v in values if isinstance(v, bool)]
-    for group, types in ((strings, "= 'text'"), (numbers, _NUMBER)):
+    for group, types in ((strings, _TEXT), (numbers, _NUMBER)):
         if group:
             args.extend(group)
             terms.append(f"({x} IN ({','.join('?' * len(group))}) AND {t} {types})")
