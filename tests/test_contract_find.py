@@ -327,3 +327,16 @@ def test_indexes_are_created_only_when_missing(
     # Opened again: nothing re-posted (pouchdb-server would rebuild an index posted twice).
     make_app({"put": put}, indexes=("owner.team", "status")).close()
     assert stored_find_indexes(store_url) == before
+
+
+def test_string_ranges_follow_the_stores_string_order(
+    make_app: Callable[..., casern.Casern],
+) -> None:
+    app = make_app({"put": put}, indexes=("s",))
+    app.send("put", "lower", {"s": "a"})
+    app.send("put", "upper", {"s": "B"})
+    # README: code point order on SQLite and pouchdb-server, ICU collation on Apache CouchDB.
+    icu = app.store.url.startswith("http") and app.store._high != "\uffff"  # type: ignore[attr-defined]
+    assert app.find({"s": {"$gt": "B"}}) == ([] if icu else ["lower"])
+    assert app.find({"s": {"$lt": "B"}}) == (["lower"] if icu else [])
+    assert app.find({"s": {"$gte": "B", "$lte": "B"}}) == ["upper"]

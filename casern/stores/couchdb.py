@@ -27,7 +27,7 @@ import httpx
 
 from .._errors import StoreUnavailable
 from .._ids import check_id
-from .._query import All, AnyOf, Query, matches, paths
+from .._query import RANGES, All, AnyOf, Cond, Query, matches, paths
 from .base import Doc, Record, Store, Write, chunks
 
 __all__ = ["CouchDBStore"]
@@ -79,6 +79,15 @@ def _find_ddoc(path: tuple[str, ...]) -> str:
 def _mango_field(path: tuple[str, ...]) -> str:
     # Keys hold no "." nor "\\" (refused by _query.check_path): nothing to escape.
     return ".".join(("state", *path))
+
+
+def _string_ranges(query: Query) -> frozenset[Cond]:
+    """The string range conditions that every answer of `_mango(query)` satisfies."""
+    if isinstance(query, All):
+        return frozenset().union(*map(_string_ranges, query.parts))
+    if isinstance(query, Cond) and query.op in RANGES and isinstance(query.value, str):
+        return frozenset((query,))
+    return frozenset()
 
 
 def _mango(query: Query) -> dict[str, Any]:
@@ -373,7 +382,11 @@ class CouchDBStore(Store):
         fields = ["_id", *(_mango_field(p) for p in paths(query))]
         body = {"selector": _mango(query), "fields": fields, "limit": _FIND_ALL}
         docs = self._call("POST", self._db + "/_find", body, db=self._db)["docs"]
-        ids = sorted(d["_id"] for d in docs if matches(query, d.get("state", {})))
+        # String ranges keep the server's order (ICU collation on Apache CouchDB)
+        # where it applied them to every answer: the conditions of the top `$and`.
+        pouch = self._high == "\uffff"
+        decided = frozenset() if pouch else _string_ranges(query)
+        ids = sorted(d["_id"] for d in docs if matches(query, d.get("state", {}), decided))
         if after is not None:
             ids = ids[bisect.bisect_right(ids, after) :]
         return ids[:limit]
