@@ -28,6 +28,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from .._errors import CasernError
+
 __all__ = ["Record", "Store", "Write"]
 
 Doc = dict[str, Any]
@@ -69,6 +71,9 @@ class Store(ABC):
     url: str
     #: True if `put_many` writes `Write.history` atomically with the envelope.
     atomic_history: bool = False
+    #: The largest envelope the store holds, in bytes of JSON (None: no limit).
+    #: A state bigger than this is refused with `InvalidState` before any write.
+    max_document_size: int | None = None
 
     @abstractmethod
     def get_many(self, ids: Sequence[str]) -> dict[str, Record]:
@@ -79,12 +84,14 @@ class Store(ABC):
         return self.get_many([id]).get(id)
 
     @abstractmethod
-    def put_many(self, writes: Sequence[Write]) -> list[str | None]:
+    def put_many(self, writes: Sequence[Write]) -> list[str | CasernError | None]:
         """Write each envelope if its revision still matches.
 
-        Returns, in order, the new revision of each write, or None where the
-        revision did not match (a conflict: that write changed nothing). Writes
-        are independent: one conflict does not undo the others.
+        Returns, in order, the new revision of each write, None where the
+        revision did not match (a conflict: that write changed nothing), or
+        the `CasernError` saying why the store refused that one document (too
+        large, not encodable): nothing of it was written. Writes are
+        independent: one conflict or refusal does not undo the others.
         """
 
     @abstractmethod
