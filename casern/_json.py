@@ -4,8 +4,8 @@ SQLite, Apache CouchDB and pouchdb-server disagree at the edges of JSON, so
 casern holds data and states to what all of them keep exactly:
 
 - text is valid Unicode: no lone surrogates (`"\\ud800"`), in values or keys;
-- containers nest at most `MAX_DEPTH` levels (pouchdb-server overflows its
-  stack near 5,000, Python's `json` near 1,000);
+- at most `MAX_DEPTH` containers nest in one another (`[[1]]` is 2 levels;
+  pouchdb-server overflows its stack near 5,000, Python's `json` near 1,000);
 - integers within ±`MAX_SAFE_INTEGER` (2**53 - 1: JavaScript peers round
   beyond it, CouchDB answers 500 to 10**400);
 - floats finite and not subnormal (CouchDB turns 5e-324 into 0.0); -0.0 is
@@ -101,7 +101,7 @@ def _refusal(value: Any) -> Refusal | None:
     stack: list[tuple[Any, list[str | int]]] = [(value, [])]
     while stack:
         node, path = stack.pop()
-        if len(path) > MAX_DEPTH:
+        if len(path) >= MAX_DEPTH and isinstance(node, dict | list | tuple):
             return Refusal(
                 f"nests deeper than {MAX_DEPTH} levels (at {_path(path[:5])}...); flatten it"
             )

@@ -28,7 +28,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .._errors import CasernError
+from .._errors import CasernError, InvalidState
 
 __all__ = ["Record", "Store", "Write"]
 
@@ -129,6 +129,21 @@ class Store(ABC):
 def index_fields(doc: Doc) -> tuple[float | None, float | None, int]:
     """The indexed fields of an envelope: (next_due, pending_since, nfailed)."""
     return doc.get("next_due"), doc.get("pending_since"), int(doc.get("nfailed") or 0)
+
+
+def refuse_envelope(id: str, problem: str) -> InvalidState:
+    """Why a store cannot hold one envelope; the other writes of the batch go on."""
+    return InvalidState(
+        f"the envelope of {id!r:.80} {problem}: it holds the state and, for each change whose"
+        " listeners have not run yet, that change's prev and state; keep states smaller"
+        " (big data elsewhere, a reference in the state)"
+    )
+
+
+def too_large(id: str, size: int, limit: int, where: str) -> InvalidState:
+    return refuse_envelope(
+        id, f"is about {size:,} bytes of JSON, over the document limit of {where} ({limit:,})"
+    )
 
 
 def chunks(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:

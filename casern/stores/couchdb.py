@@ -25,7 +25,7 @@ import httpx
 
 from .._errors import CasernError, InvalidState, StoreUnavailable
 from .._ids import check_id
-from .base import Doc, Record, Store, Write, chunks
+from .base import Doc, Record, Store, Write, chunks, too_large
 
 __all__ = ["CouchDBStore"]
 
@@ -80,6 +80,20 @@ def _generation(rev: str) -> int:
 def _clean(doc: Doc) -> Doc:
     """The envelope as the engine wrote it: CouchDB's and our own fields removed."""
     return {k: v for k, v in doc.items() if not k.startswith("_") and k != TOKEN}
+
+
+def _by_id(writes: Sequence[Write], todo: list[int], rows: list[Doc]) -> list[int]:
+    """The write each `_bulk_docs` row answers, in row order.
+
+    pouchdb-server lists refused documents first, so rows are matched by id
+    (in request order among writes to one id), not by position.
+    """
+    slots: dict[str, list[int]] = {}
+    for i in todo:
+        slots.setdefault(writes[i].id, []).append(i)
+    if len(rows) != len(todo):
+        raise StoreUnavailable(f"_bulk_docs answered {len(rows)} rows for {len(todo)} documents")
+    return [slots[row["id"]].pop(0) for row in rows]
 
 
 def _dumps(body: Any) -> bytes:
@@ -349,7 +363,7 @@ class CouchDBStore(Store):
                 self._create(self._db)
                 failure = "the database was missing and has been created again"
                 continue
-            for i, row in zip(todo, rows, strict=True):
+            for i, row in zip(_by_id(writes, todo, rows), rows, strict=True):
                 if "error" not in row:
                     results[i] = row["rev"]
                 elif row["error"] != "conflict":  # about this document only (a validation)
@@ -589,12 +603,7 @@ class CouchDBStore(Store):
         return data
 
     def _too_large(self, id: str, size: int) -> InvalidState:
-        return InvalidState(
-            f"the envelope of {id!r:.80} is about {size:,} bytes of JSON, over the"
-            f" max_document_size of CouchDB at {self.url} ({self.max_document_size:,}): its"
-            " state, and for each change whose listeners have not run yet its prev and state;"
-            " keep states smaller (big data elsewhere, a reference in the state)"
-        )
+        return too_large(id, size, self.max_document_size or 0, f"CouchDB at {self.url}")
 
     def _pause(self, attempt: int, failure: str) -> None:
         delay = min(5.0, 0.1 * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)

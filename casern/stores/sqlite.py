@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from .._errors import CasernError, InvalidState, StoreUnavailable
-from .base import Doc, Record, Store, Write, chunks, index_fields
+from .base import Doc, Record, Store, Write, chunks, index_fields, too_large
 
 __all__ = ["SQLiteStore"]
 
@@ -57,11 +57,20 @@ _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 
 class SQLiteStore(Store):
-    """Envelopes in one SQLite file (or in memory for `sqlite://`)."""
+    """Envelopes in one SQLite file (or in memory for `sqlite://`).
+
+    `max_document_size` (bytes of JSON per envelope) lowers SQLite's own limit.
+    """
 
     atomic_history = True
 
-    def __init__(self, url: str = "sqlite:///casern.db", *, busy_timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        url: str = "sqlite:///casern.db",
+        *,
+        busy_timeout: float = 30.0,
+        max_document_size: int | None = None,
+    ) -> None:
         parts = urlsplit(url)
         if parts.scheme != "sqlite":
             raise ValueError(f"not an sqlite URL: {url!r}; use sqlite:///relative.db")
@@ -103,7 +112,9 @@ class SQLiteStore(Store):
                 isolation_level=None,  # we issue BEGIN/COMMIT ourselves
                 check_same_thread=False,
             )
-            self.max_document_size: int = self._db.getlimit(sqlite3.SQLITE_LIMIT_LENGTH)
+            # SQLite's own limit on one value (1,000,000,000 bytes unless compiled otherwise).
+            limit = self._db.getlimit(sqlite3.SQLITE_LIMIT_LENGTH)
+            self.max_document_size: int = min(limit, max_document_size or limit)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute(f"PRAGMA synchronous={synchronous.upper()}")
             self._retry(self._create_schema)
@@ -241,10 +252,7 @@ class SQLiteStore(Store):
         except (TypeError, ValueError, RecursionError) as e:  # UnicodeEncodeError is a ValueError
             raise InvalidState(f"the envelope of {id!r:.80} cannot be stored: {e}") from None
         if size > self.max_document_size:
-            raise InvalidState(
-                f"the envelope of {id!r:.80} is {size:,} bytes of JSON, over SQLite's limit of"
-                f" {self.max_document_size:,}; keep big data elsewhere and store a reference"
-            )
+            raise too_large(id, size, self.max_document_size, "SQLite")
         return text
 
     def put_history(self, id: str, entries: Sequence[Doc]) -> None:
