@@ -18,8 +18,9 @@ import random
 import threading
 import time
 import types
+import uuid
 from collections import OrderedDict, deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence, Set
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -40,6 +41,7 @@ from .stores.base import Doc, Record, Store, Write
 log = logging.getLogger("casern")
 
 SEND, FIRE, ACK, RETRY, MIGRATE, FLUSH = "send", "fire", "ack", "retry", "migrate", "flush"
+CLAIM = "claim"
 MAX_BATCH = 500
 
 
@@ -92,7 +94,7 @@ class Action:
     reducer: str = ""
     data_json: str = "null"
     key: str | None = None
-    seqs: frozenset[int] = frozenset()  # ACK: pending entries delivered
+    seqs: frozenset[int] = frozenset()  # ACK: pending entries delivered; CLAIM: to redeliver
     failed: list[Doc] = field(default_factory=list)  # ACK: deliveries that gave up
     attempts: int = 0
     now: float | None = None  # FIRE: fire what is due by then (never later than the clock)
@@ -218,6 +220,10 @@ class Engine:
         self.max_conflicts = max_conflicts
         self.ack_delay = ack_delay
         self.redeliver_after = redeliver_after
+        # Redelivering a stale change first writes a claim into its entry (revision-
+        # checked): other live processes leave it alone for `redeliver_after`, the
+        # grace a fresh commit gets, so two sweeps do not both run one change.
+        self.token = uuid.uuid4().hex
         self.cache = _LRU(cache_size)
         # Everything below is guarded by _lock. Whoever holds the `_leading` flag
         # is the one thread that folds and writes; see `submit`.
@@ -228,6 +234,9 @@ class Engine:
         self._retries: list[tuple[float, int, Action]] = []
         self._tiebreak = 0
         self._acks: OrderedDict[str, tuple[set[int], list[Doc], float]] = OrderedDict()
+        self._sweeping = False  # a flush asked for every deferred ack to be written
+        self._on_exit: list[Callable[[], None]] = []
+        self._exited = False
         self._kick = threading.Event()
         self._here = threading.local()  # .leading: this thread is folding right now
         self._idle = threading.Condition()
@@ -289,28 +298,62 @@ class Engine:
         with self._idle:
             return self._idle.wait_for(lambda: self._outstanding == 0, timeout)
 
-    def flush(self) -> None:
-        """Write every deferred acknowledgement now (and wait for it)."""
-        self.submit(Action(FLUSH, "", Future())).result()
+    def flush(self, timeout: float | None = None) -> bool:
+        """Write every deferred acknowledgement now; True once none is left unwritten.
 
-    def stop(self) -> None:
-        """Commit what is queued, write the deferred acknowledgements, stop the thread."""
+        An acknowledgement that conflicted waits for its retry: True only when
+        that one has landed too (or `timeout` passed first: False).
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                self.submit(Action(FLUSH, "", Future())).result(left)
+            except TimeoutError:
+                return False
+            with self._lock:
+                unwritten = bool(self._acks) or any(a.kind == ACK for _, _, a in self._retries)
+            if not unwritten:
+                return True
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            time.sleep(0.005)  # a conflicting ack retries within milliseconds
+
+    def stop(self, timeout: float | None = None) -> bool:
+        """Commit what is queued, write the deferred acknowledgements, stop the thread.
+
+        False if the thread was still writing after `timeout`: it stops by itself
+        once done, then runs what `then` gave it.
+        """
         thread = self._thread
         if thread is None:
-            return
+            return True
         with self._lock:
             self._stopping = True
         self._kick.set()
-        thread.join()
+        if thread is not threading.current_thread():
+            thread.join(timeout)
+        if thread.is_alive():
+            return False
         with self._lock:
             self._thread = None
             self._stopping = False
+        return True
+
+    def then(self, fn: Callable[[], None]) -> None:
+        """Run `fn` in the committer thread once it has stopped (now, if it has)."""
+        with self._lock:
+            if self._thread is not None and not self._exited:
+                self._on_exit.append(fn)
+                return
+        fn()
 
     # -- the committer ------------------------------------------------------------------
 
     def _start(self) -> None:
         with self._lock:
             if self._thread is None:
+                self._exited = False
                 self._thread = threading.Thread(
                     target=self._run, name="casern-committer", daemon=True
                 )
@@ -334,8 +377,13 @@ class Engine:
             self._lead(None)
             if stopping:
                 with self._lock:
-                    if not (self._queue or self._retries or self._acks):
-                        return
+                    if self._queue or self._retries or self._acks:
+                        continue
+                    on_exit, self._on_exit = self._on_exit, []
+                    self._exited = True
+                for fn in on_exit:
+                    fn()
+                return
 
     def _lead(self, own: Action | None) -> None:
         """Write batches until nothing is left (or, for a sender, its own action is done)."""
@@ -387,12 +435,16 @@ class Engine:
             ids = {a.id for a in batch}
             for id in ids & self._acks.keys():
                 batch.append(self._ack_action(id))
-            sweep = stopping or bool(flushes)
+            # A flush sweeps every deferred ack, batch after batch, not just one batch.
+            self._sweeping = self._sweeping or bool(flushes)
+            sweep = stopping or self._sweeping
             while self._acks and len(batch) < MAX_BATCH:
                 id, (_, _, since) = next(iter(self._acks.items()))
                 if not (sweep or (not ids and now - since >= self.ack_delay)):
                     break  # acks are in arrival order: the rest are younger
                 batch.append(self._ack_action(id))
+            if not self._acks:
+                self._sweeping = False
         return batch, flushes
 
     def _ack_action(self, id: str) -> Action:
@@ -466,6 +518,8 @@ class Engine:
                     self._retry_later(a)
             else:
                 self._resolve(plan)
+                if plan.acked:
+                    self.on_acked(plan.id, frozenset(plan.acked))
         if not plans:
             return
         plans = [p for p in plans if self._flush_log(p)]
@@ -684,9 +738,10 @@ class Engine:
                 plan.results.append((a, cur_json if fired_any else None))
             elif a.kind == ACK:
                 kept = [e for e in pending if e["seq"] not in a.seqs]
-                if len(kept) != len(pending) or a.failed:
-                    meta = True
-                    plan.acked.update(a.seqs)
+                meta = meta or len(kept) != len(pending) or bool(a.failed)
+                # Reported acknowledged even if nothing is left to remove (another
+                # process delivered it): the dispatcher stops tracking it either way.
+                plan.acked.update(a.seqs)
                 pending = kept
                 failed.extend(_storable(f) for f in a.failed)
                 plan.results.append((a, None))
@@ -710,6 +765,11 @@ class Engine:
             elif a.kind == MIGRATE:
                 plan.results.append((a, upgraded))
                 meta = meta or upgraded
+            elif a.kind == CLAIM:
+                claimed = self._claim(id, pending, a.seqs, now)
+                plan.deliveries.extend(claimed)
+                meta = meta or bool(claimed)
+                plan.results.append((a, len(claimed)))
 
         if changed and self.timers:
             try:
@@ -725,12 +785,14 @@ class Engine:
             # Entries left pending by a process that died go first, so this id's
             # listeners still run in seq order (the dispatcher skips those in flight).
             ours = {d.entry["seq"] for d in plan.deliveries}
-            cutoff = time.time() - self.redeliver_after
-            stale = [
-                Delivery(id, e)
+            now = time.time()
+            cutoff = now - self.redeliver_after
+            old = {
+                e["seq"]
                 for e in pending
                 if e["seq"] not in ours and e["seq"] < max(ours) and e["at"] <= cutoff
-            ]
+            }
+            stale = self._claim(id, pending, old, now) if old else []
             plan.deliveries[:0] = sorted(stale, key=lambda d: d.entry["seq"])
         if not (changed or meta or plan.flush_log):
             return plan
@@ -759,6 +821,24 @@ class Engine:
         plan.doc = new_doc
         plan.state_json = cur_json if upgrade_error is None else dumps(new_doc["state"])
         return plan
+
+    def _claim(self, id: str, pending: list[Doc], seqs: Set[int], now: float) -> list[Delivery]:
+        """Claim the entries of `seqs` no other live process holds; replaces them in place.
+
+        A live claim by another process is left alone; the revision check of the
+        write that carries the claims makes one process win a race for the same entry.
+        """
+        claimed: list[Delivery] = []
+        for i, e in enumerate(pending):
+            if e["seq"] not in seqs:
+                continue
+            claim = e.get("claim")
+            if claim is not None and claim["by"] != self.token and claim["until"] > now:
+                continue
+            until = now + (self.redeliver_after or 0.0)
+            pending[i] = e = dict(e, claim={"by": self.token, "until": until})
+            claimed.append(Delivery(id, e))
+        return claimed
 
     def _schedule(self, state_json: str, due: dict[str, float], fired: dict[str, float]) -> None:
         """Recompute due times after a change; a consumed time never fires again."""
