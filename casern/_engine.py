@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from . import _telemetry
 from ._errors import (
     CasernError,
     ConflictError,
@@ -107,6 +108,7 @@ class Action:
     failed: list[Doc] = field(default_factory=list)  # ACK: deliveries that gave up
     attempts: int = 0
     now: float | None = None  # FIRE: fire what is due by then (never later than the clock)
+    trace: _telemetry.Send | None = None  # spans and metrics, reported when answered
 
 
 @dataclass(slots=True)
@@ -480,6 +482,7 @@ class Engine:
         if not plans:
             return
         writes = [Write(p.id, p.rev, p.doc or {}, p.history) for p in plans]
+        started = time.perf_counter()
         try:
             for p in plans:
                 # Committed entries, written before the envelope drops them: if
@@ -492,10 +495,12 @@ class Engine:
                 self.cache.pop(p.id)
                 self._fail(p.actions, e)
             return
+        _telemetry.commit_duration(time.perf_counter() - started)
         landed: list[_Plan] = []
         for plan, rev in zip(plans, revs, strict=True):
             if rev is None:
                 self.cache.pop(plan.id)
+                _telemetry.conflict(plan.actions)
                 for a in plan.actions:
                     self._retry_later(a)
                 continue
@@ -626,6 +631,7 @@ class Engine:
                 return
             seq += 1
             changed = True
+            _telemetry.committed(a, seq)
             record = {
                 "seq": seq,
                 "reducer": name,
@@ -638,6 +644,7 @@ class Engine:
                 (log_ if self.log_chunk else plan.history).append(record)
             if self.outbox:
                 entry = dict(record, at=now, prev=json.loads(cur_json), state=json.loads(new_json))
+                _telemetry.stamp(a, entry)
                 pending.append(entry)
                 plan.deliveries.append(Delivery(id, entry))
             if key is not None:
@@ -651,6 +658,7 @@ class Engine:
                 plan.results.append((a, upgrade_error))
             elif a.kind == SEND:
                 if a.key is not None and a.key in keys:
+                    _telemetry.duplicate(a)
                     plan.results.append((a, cur_json))
                 else:
                     step(a.reducer, a.data_json, a.key, a, now)
@@ -666,6 +674,7 @@ class Engine:
                     fired_any = meta = True
                     del due[name]
                     fired[name] = at
+                    _telemetry.fired(a, id, name, at, now)
                     before = len(plan.results)
                     step(name, dumps({"now": now}), None, a, now)
                     result = plan.results.pop(before) if len(plan.results) > before else None
