@@ -441,30 +441,25 @@ def test_a_change_redelivered_after_a_crash_continues_its_trace(
     otel: Otel, make_app: Callable[..., casern.Casern], store_url: str, tmp_path: Path
 ) -> None:
     spans_file, stderr = tmp_path / "spans.jsonl", tmp_path / "sender.err"
-    with stderr.open("wb") as err:
-        proc = subprocess.Popen(
-            [sys.executable, str(SENDER), store_url, str(spans_file)],
-            stdout=subprocess.PIPE,
-            stderr=err,
-            bufsize=0,  # unbuffered: select() sees every line that is not read yet
-        )
-    try:
-        assert proc.stdout is not None
-        lines: set[bytes] = set()
-        deadline = time.monotonic() + 30
-        while lines != {b"sent\n", b"listening\n"} and time.monotonic() < deadline:
-            readable, _, _ = select.select([proc.stdout], [], [], 1)
-            if readable:
-                lines.add(proc.stdout.readline())
-        assert lines == {b"sent\n", b"listening\n"}, stderr.read_text()
-        proc.send_signal(signal.SIGKILL)  # committed, its listener under way
-        assert proc.wait(10) == -signal.SIGKILL
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
-        if proc.stdout is not None:
-            proc.stdout.close()
+    victim = [sys.executable, str(SENDER), store_url, str(spans_file)]
+    # Unbuffered: select() sees every line not read yet. Leaving the block closes and reaps.
+    with (
+        stderr.open("wb") as err,
+        subprocess.Popen(victim, stdout=subprocess.PIPE, stderr=err, bufsize=0) as proc,
+    ):
+        try:
+            assert proc.stdout is not None
+            lines: set[bytes] = set()
+            deadline = time.monotonic() + 30
+            while lines != {b"sent\n", b"listening\n"} and time.monotonic() < deadline:
+                readable, _, _ = select.select([proc.stdout], [], [], 1)
+                if readable:
+                    lines.add(proc.stdout.readline())
+            assert lines == {b"sent\n", b"listening\n"}, stderr.read_text()
+            proc.send_signal(signal.SIGKILL)  # committed, its listener under way
+            assert proc.wait(10) == -signal.SIGKILL
+        finally:
+            proc.kill()  # does nothing once it is dead
     dead = {s["name"]: s for s in read_spans(str(spans_file))}
     assert set(dead) == {"request", "casern.send"}, "the victim did not record its spans"
     assert dead["casern.send"]["parent"] == dead["request"]["span_id"]
