@@ -18,12 +18,14 @@ transaction) and with `history=False`, to show what the history table costs.
     python bench/sqlite_send.py                 # defaults, < 60 s
     python bench/sqlite_send.py --sends 20000 --ids 2000 --threads 8 --repeat 3
     python bench/sqlite_send.py --profile       # cProfile of the sequential case
+    python bench/sqlite_send.py --otel          # what OpenTelemetry costs (no SDK, SDK)
 """
 
 from __future__ import annotations
 
 import argparse
 import cProfile
+import functools
 import gc
 import io
 import pstats
@@ -370,6 +372,38 @@ def profile_sequential(args: argparse.Namespace, base: Path) -> None:
         print(text[text.find("   ncalls") :].rstrip())
 
 
+def otel_overhead(args: argparse.Namespace, base: Path) -> None:
+    """Sequential sends with telemetry stubbed out, the API alone (no SDK) and an SDK."""
+    import _otel
+
+    bench = Bench(args, base)
+    ids = [f"m{i % args.ids:06d}" for i in range(args.sends)]
+    cases = {"many": {}, "listener": {"listener": True}}
+    rows: list[list[Any]] = []
+    api_ratio = float("inf")
+    for case, options in cases.items():
+
+        def run(mode: str, options: dict[str, Any] = options) -> Result:
+            with _otel.mode(mode):
+                return bench.casern(ids, **options)
+
+        r = bench.interleaved({m: functools.partial(run, m) for m in _otel.MODES})
+        base_s = r["stubbed"][0]
+        for m in _otel.MODES:
+            secs = r[m][0]
+            us = (secs - base_s) / len(ids) * 1e6
+            rows.append([case, m, len(ids), len(ids) / secs, base_s / secs, us])
+        api_ratio = min(api_ratio, base_s / r["api"][0])
+    print_table(
+        ["case", "telemetry", "sends", "sends/s", "vs stubbed", "µs/send added"],
+        rows,
+        title=f"OpenTelemetry's cost, sequential sends over {args.ids:,} ids"
+        f" (best of {args.repeat}, modes interleaved)",
+    )
+    print(f"\nmodes: {_otel.__doc__.split(chr(10), 2)[2].strip()}")
+    print(ratio_line("otel no-SDK send/stubbed", api_ratio, ">= 0.95x") + "  [worst case]")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -405,6 +439,9 @@ def main() -> None:
     parser.add_argument(
         "--breakdown", action="store_true", help="only time the layers of one sequential send"
     )
+    parser.add_argument(
+        "--otel", action="store_true", help="only compare telemetry off / no SDK / an SDK"
+    )
     args = parser.parse_args()
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
 
@@ -416,6 +453,9 @@ def main() -> None:
         )
         if args.breakdown:
             breakdown(args, base)
+            return
+        if args.otel:
+            otel_overhead(args, base)
             return
         if args.profile:
             profile_sequential(args, base)

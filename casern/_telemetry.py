@@ -3,7 +3,7 @@
 The app, the committer and the dispatcher call the small functions below; stores
 never do. Only the OpenTelemetry *API* is imported, and every function first
 asks whether an SDK is installed (a real TracerProvider or MeterProvider, looked
-up on each call, so one installed after casern was imported counts): without
+up again every second, so one installed after casern was imported counts): without
 one, each hook returns at once and telemetry costs next to nothing.
 
 A trace follows one action from its caller to its effects. The `casern.send`
@@ -135,9 +135,13 @@ def _observe_outbox(options: metrics.CallbackOptions) -> Iterable[metrics.Observ
     yield metrics.Observation(sum(o.backlog() for o in list(_outboxes)))
 
 
-# Providers installed by `use` (tests), else the global ones; and the last lookup.
+# Providers installed by `use` (tests), else the global ones. Looking the global
+# ones up costs microseconds (an environment lookup each), so the answer is kept
+# for a second: an SDK installed after the first send is picked up within one.
+_RECHECK = 1.0
 _providers: tuple[trace.TracerProvider | None, metrics.MeterProvider | None] = (None, None)
-_cache: tuple[object, object, _Telemetry | None] = (None, None, None)
+_built: tuple[object, object, _Telemetry | None] = (None, None, None)
+_answer: tuple[float, _Telemetry | None] = (float("-inf"), None)  # (valid until, telemetry)
 
 
 def use(
@@ -147,34 +151,39 @@ def use(
     """Report to these providers instead of the global ones (None: the global ones again).
 
     The global providers can be set only once per process; tests install a
-    fresh in-memory SDK per test through this.
+    fresh in-memory SDK per test through this. Takes effect at once.
     """
-    global _providers
+    global _providers, _answer
     _providers = (tracer_provider, meter_provider)
+    _answer = (float("-inf"), None)
 
 
 def _current() -> _Telemetry | None:
     """The telemetry to report to, or None when no SDK is installed (the fast path)."""
+    until, found = _answer
+    if time.monotonic() < until:
+        return found
+    return _lookup()
+
+
+def _lookup() -> _Telemetry | None:
+    global _built, _answer
     tp = _providers[0] or trace.get_tracer_provider()
     mp = _providers[1] or metrics.get_meter_provider()
-    cached = _cache
-    if cached[0] is tp and cached[1] is mp:
-        return cached[2]
-    return _rebuild(tp, mp)
+    if _built[0] is tp and _built[1] is mp:
+        found = _built[2]
+    else:
+        found = None
+        tracing = not isinstance(tp, _NO_TRACES)
+        metering = not isinstance(mp, _NO_METRICS)
+        if tracing or metering:
+            from . import __version__
 
-
-def _rebuild(tp: trace.TracerProvider, mp: metrics.MeterProvider) -> _Telemetry | None:
-    global _cache
-    tracing = not isinstance(tp, _NO_TRACES)
-    metering = not isinstance(mp, _NO_METRICS)
-    found = None
-    if tracing or metering:
-        from . import __version__
-
-        tracer = tp.get_tracer(SCOPE, __version__) if tracing else None
-        meter = mp.get_meter(SCOPE, __version__) if metering else metrics.NoOpMeter(SCOPE)
-        found = _Telemetry(tracer, meter, metering)
-    _cache = (tp, mp, found)
+            tracer = tp.get_tracer(SCOPE, __version__) if tracing else None
+            meter = mp.get_meter(SCOPE, __version__) if metering else metrics.NoOpMeter(SCOPE)
+            found = _Telemetry(tracer, meter, metering)
+        _built = (tp, mp, found)
+    _answer = (time.monotonic() + _RECHECK, found)
     return found
 
 
