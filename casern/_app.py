@@ -194,11 +194,11 @@ class Casern:
         """Validate in the caller's thread, then queue; the future gives the state's JSON."""
         trace = _telemetry.begin_send(reducer, id, reducer in self.reducers)
         try:
-            action = self._check_send(reducer, id, data, key)
+            action = _telemetry.track(trace, self._check_send(reducer, id, data, key))
+            return self._engine.submit(action, lead=lead)
         except BaseException as e:
             _telemetry.refused(trace, e)
             raise
-        return self._engine.submit(_telemetry.track(trace, action), lead=lead)
 
     def _check_send(self, reducer: str, id: str, data: Any, key: str | None) -> Action:
         """A send's action, or the error that says what is wrong with its arguments."""

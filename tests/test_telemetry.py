@@ -283,8 +283,12 @@ def test_a_timer_firing_starts_a_trace_of_its_own(
 def test_sends_are_counted_by_reducer_and_outcome(
     otel: Otel, make_app: Callable[..., casern.Casern]
 ) -> None:
+    def nested(preferences: Any, state: dict[str, Any], data: Any) -> dict[str, Any]:
+        app.send("same", "elsewhere")  # refused: reducers must be pure
+        return state
+
     app = make_app(
-        {"inc": inc, "same": same, "boom": boom},
+        {"inc": inc, "same": same, "boom": boom, "nested": nested},
         schemas={"inc": {"type": ["object", "null"]}},
     )
     app.send("inc", "s", key="k1")
@@ -296,6 +300,8 @@ def test_sends_are_counted_by_reducer_and_outcome(
         app.send("inc", "s", [1])
     with pytest.raises(casern.UnknownReducer):
         app.send("nope", "s")
+    with pytest.raises(casern.ReducerError):
+        app.send("nested", "s")
     assert app.drain(10)
     counts = {
         (attrs["reducer"], attrs["outcome"]): p.value for attrs, p in otel.points("casern.sends")
@@ -307,11 +313,15 @@ def test_sends_are_counted_by_reducer_and_outcome(
         ("boom", "error"): 1,
         ("inc", "error"): 1,
         ("unknown", "error"): 1,
+        ("nested", "error"): 1,
+        ("same", "error"): 1,
     }
     failed = [s for s in otel.spans("casern.send") if s.status.status_code == StatusCode.ERROR]
     assert sorted((s.attributes or {})["casern.reducer"] for s in failed) == [
         "boom",
         "inc",
+        "nested",
+        "same",
         "unknown",
     ]
     assert all(s.events and s.events[0].name == "exception" for s in failed)
