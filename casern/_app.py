@@ -31,7 +31,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.schedulers.base import BaseScheduler
 
-from . import _aio
+from . import _aio, _telemetry
 from ._backoff import Backoff
 from ._delivery import Dispatcher
 from ._engine import (
@@ -225,6 +225,16 @@ class Casern:
         self, reducer: str, id: str, data: Any, key: str | None, lead: bool = False
     ) -> Future[Any]:
         """Validate in the caller's thread, then queue; the future gives the state's JSON."""
+        trace = _telemetry.begin_send(reducer, id, reducer in self.reducers)
+        try:
+            action = _telemetry.track(trace, self._check_send(reducer, id, data, key))
+            return self._engine.submit(action, lead=lead)
+        except BaseException as e:
+            _telemetry.refused(trace, e)
+            raise
+
+    def _check_send(self, reducer: str, id: str, data: Any, key: str | None) -> Action:
+        """A send's action, or the error that says what is wrong with its arguments."""
         self._check_open()
         check_id(id)
         if reducer not in self.reducers:
@@ -245,7 +255,7 @@ class Casern:
                 raise InvalidData(
                     f"data for {reducer!r} is invalid at {error.json_path}: {error.message}"
                 )
-        return self._engine.submit(Action(SEND, id, Future(), reducer, data_json, key), lead=lead)
+        return Action(SEND, id, Future(), reducer, data_json, key)
 
     def send(self, reducer: str, id: str, data: Any = None, *, key: str | None = None) -> State:
         """Apply `reducer` to machine `id`; return the committed state once durable."""

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from . import _telemetry
 from ._errors import (
     CasernError,
     ConflictError,
@@ -98,6 +99,7 @@ class Action:
     failed: list[Doc] = field(default_factory=list)  # ACK: deliveries that gave up
     attempts: int = 0
     now: float | None = None  # FIRE: fire what is due by then (never later than the clock)
+    trace: _telemetry.Send | None = None  # spans and metrics, reported when answered
 
 
 @dataclass(slots=True)
@@ -524,6 +526,7 @@ class Engine:
             return
         plans = [p for p in plans if self._flush_log(p)]
         writes = [Write(p.id, p.rev, p.doc or {}, p.history) for p in plans]
+        started = time.perf_counter()
         try:
             revs = self.store.put_many(writes) if writes else []
         except CasernError as e:
@@ -531,6 +534,7 @@ class Engine:
                 self.cache.pop(p.id)
                 self._fail(p.actions, e)
             return
+        _telemetry.commit_duration(time.perf_counter() - started)
         landed: list[_Plan] = []
         for plan, rev in zip(plans, revs, strict=True):
             if isinstance(rev, CasernError):  # the store refused this one document
@@ -539,6 +543,7 @@ class Engine:
                 continue
             if rev is None:
                 self.cache.pop(plan.id)
+                _telemetry.conflict(plan.actions)
                 for a in plan.actions:
                     self._retry_later(a)
                 continue
@@ -690,6 +695,7 @@ class Engine:
                 return
             seq += 1
             changed = True
+            _telemetry.committed(a, seq)
             record = {
                 "seq": seq,
                 "reducer": name,
@@ -702,6 +708,7 @@ class Engine:
                 (log_ if self.log_chunk else plan.history).append(record)
             if self.outbox:
                 entry = dict(record, at=now, prev=json.loads(cur_json), state=json.loads(new_json))
+                _telemetry.stamp(a, entry)
                 pending.append(entry)
                 plan.deliveries.append(Delivery(id, entry))
             if key is not None:
@@ -715,6 +722,7 @@ class Engine:
                 plan.results.append((a, upgrade_error))
             elif a.kind == SEND:
                 if a.key is not None and a.key in keys:
+                    _telemetry.duplicate(a)
                     plan.results.append((a, cur_json))
                 else:
                     step(a.reducer, a.data_json, a.key, a, now)
@@ -730,6 +738,7 @@ class Engine:
                     fired_any = meta = True
                     del due[name]
                     fired[name] = at
+                    _telemetry.fired(a, id, name, at, now)
                     before = len(plan.results)
                     step(name, dumps({"now": now}), None, a, now)
                     result = plan.results.pop(before) if len(plan.results) > before else None
