@@ -384,9 +384,13 @@ class Casern:
         ids = self.store.pending(before, 1000)
         if not ids:
             return
+        records = self.store.get_many(ids)
+        # A forked envelope is merged first; its merged outbox is delivered then.
+        self._engine.check([id for id, rec in records.items() if rec.conflicts])
         deliveries = [
             Delivery(id, entry)
-            for id, rec in self.store.get_many(ids).items()
+            for id, rec in records.items()
+            if not rec.conflicts
             for entry in rec.doc.get("pending", ())
             if entry["at"] <= before and not self._dispatcher.inflight(id, entry["seq"])
         ]

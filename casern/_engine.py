@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import random
+import secrets
 import threading
 import time
 import types
@@ -25,6 +26,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from . import _merge
 from ._errors import (
     CasernError,
     ConflictError,
@@ -39,6 +41,7 @@ from .stores.base import Doc, Record, Store, Write
 log = logging.getLogger("casern")
 
 SEND, FIRE, ACK, RETRY, MIGRATE, FLUSH = "send", "fire", "ack", "retry", "migrate", "flush"
+CHECK = "check"  # re-read an id that may have forked: merge, or hand over held changes
 MAX_BATCH = 500
 
 
@@ -107,6 +110,7 @@ class Action:
     failed: list[Doc] = field(default_factory=list)  # ACK: deliveries that gave up
     attempts: int = 0
     now: float | None = None  # FIRE: fire what is due by then (never later than the clock)
+    uid: str = ""  # SEND on a store that may fork: journaled, applied once (see _merge.py)
 
 
 @dataclass(slots=True)
@@ -129,6 +133,7 @@ class _Plan:
     state_json: str = ""  # the JSON of doc["state"]
     deliveries: list[Delivery] = field(default_factory=list)
     acked: set[int] = field(default_factory=set)
+    drop: tuple[str, ...] = ()  # sibling revisions this write merges (deleted with it)
 
 
 def _normalize(value: Any) -> tuple[str, dict[str, Any]]:
@@ -236,6 +241,11 @@ class Engine:
         self.ack_delay = ack_delay
         self.redeliver_after = redeliver_after
         self.cache = _LRU(cache_size)
+        # A store that may fork journals every applied action (`ops`), and changes
+        # reach listeners only once their revision is confirmed; until then they
+        # are held here (touched by the leading thread only).
+        self.journal = store.may_fork
+        self._held: dict[str, list[Delivery]] = {}
         # Everything below is guarded by _lock. Whoever holds the `_leading` flag
         # is the one thread that folds and writes; see `submit`.
         self._lock = threading.Lock()
@@ -283,6 +293,30 @@ class Engine:
             else:
                 self._kick.set()
         return action.future
+
+    def check(self, ids: Sequence[str]) -> None:
+        """Queue a fresh read of ids that may have forked (merged by the committer)."""
+        for id in ids:
+            self.submit(Action(CHECK, id, Future()))
+
+    def _check_later(self, id: str) -> None:
+        a = Action(CHECK, id, Future())
+        with self._idle:
+            self._outstanding += 1
+        a.future.add_done_callback(self._done)
+        self._retry_later(a)
+
+    def _release(self, id: str, doc: Doc) -> list[Delivery]:
+        """Held changes of `id` still in `doc`'s outbox under the same seq."""
+        held = self._held.pop(id, None)
+        if not held:
+            return []
+        pending = {e["seq"]: e for e in doc.get("pending", ())}
+        return [
+            d
+            for d in held
+            if (e := pending.get(d.entry["seq"])) is not None and e.get("u") == d.entry.get("u")
+        ]
 
     def _done(self, _: Future[Any]) -> None:
         with self._idle:
@@ -453,17 +487,25 @@ class Engine:
         groups: dict[str, list[Action]] = {}
         for a in batch:
             groups.setdefault(a.id, []).append(a)
-        cached = {id: hit for id in groups if (hit := self.cache.get(id)) is not None}
+        checks = {a.id for a in batch if a.kind == CHECK}
+        cached = {
+            id: hit for id in groups if id not in checks and (hit := self.cache.get(id)) is not None
+        }
         missing = [id for id in groups if id not in cached]
         try:
             fetched = self.store.get_many(missing) if missing else {}
+            forked = [id for id, rec in fetched.items() if rec.conflicts]
+            leaves = self.store.leaves(forked) if forked else {}
         except CasernError as e:
             self._fail(batch, e)
             return
         plans: list[_Plan] = []
+        released: list[Delivery] = []
         for id, actions in groups.items():
             hit = cached.get(id)
-            if hit is not None:
+            if len(leaves.get(id, ())) > 1:
+                plan = self._merge(id, leaves[id], actions)
+            elif hit is not None:
                 plan = self._fold(id, hit[0], actions, hit[1])
             else:
                 plan = self._fold(id, fetched.get(id), actions)
@@ -477,9 +519,13 @@ class Engine:
                     self._retry_later(a)
             else:
                 self._resolve(plan)
+                if id in checks and (rec := fetched.get(id)) is not None:
+                    released += self._release(id, rec.doc)
+        if released:
+            self._hand_over(released)
         if not plans:
             return
-        writes = [Write(p.id, p.rev, p.doc or {}, p.history) for p in plans]
+        writes = [Write(p.id, p.rev, p.doc or {}, p.history, p.drop) for p in plans]
         try:
             for p in plans:
                 # Committed entries, written before the envelope drops them: if
@@ -503,18 +549,61 @@ class Engine:
             assert plan.doc is not None
             self.cache.put(Record(plan.id, rev, plan.doc), plan.state_json)
             landed.append(plan)
+        if self.journal and landed:
+            self._confirm(landed, revs=dict(zip([p.id for p in plans], revs, strict=True)))
         # Hand effects over before answering, so that a caller who has its answer
         # can rely on the listeners being under way (see `Casern.drain`).
-        deliveries = [d for plan in landed for d in plan.deliveries]
+        self._hand_over([d for plan in landed for d in plan.deliveries])
+        for plan in landed:
+            self._resolve(plan)
+            if plan.acked:
+                self.on_acked(plan.id, frozenset(plan.acked))
+
+    def _hand_over(self, deliveries: list[Delivery]) -> None:
         if deliveries:
             try:
                 self.on_commit(deliveries)
             except Exception:  # committed all the same: the outbox keeps the changes
                 log.exception("handing committed changes to the listeners failed")
+
+    def _confirm(self, landed: list[_Plan], revs: Mapping[str, str | None]) -> None:
+        """Hold back the changes of writes that may still fork; check those again later.
+
+        Listeners key their effects on `(id, seq)`: a change is handed over only
+        once no merge can give its seq to another change.
+        """
+        try:
+            sure = self.store.confirm({p.id: rev for p in landed if (rev := revs[p.id])})
+        except CasernError as e:
+            log.warning("could not confirm %d write(s), checking again later: %s", len(landed), e)
+            sure = set()
         for plan in landed:
-            self._resolve(plan)
-            if plan.acked:
-                self.on_acked(plan.id, frozenset(plan.acked))
+            assert plan.doc is not None
+            if plan.id in sure:
+                seqs = {d.entry["seq"] for d in plan.deliveries}
+                held = [d for d in self._release(plan.id, plan.doc) if d.entry["seq"] not in seqs]
+                plan.deliveries[:0] = held
+            else:
+                self.cache.pop(plan.id)
+                self._held.setdefault(plan.id, []).extend(plan.deliveries)
+                plan.deliveries = []
+                self._check_later(plan.id)
+
+    def _merge(self, id: str, leaves: list[Record], actions: list[Action]) -> _Plan:
+        """Fold the sibling revisions of `id` into one write (see `_merge.py`), then `actions`."""
+        base = _merge.choose_base(leaves)
+        others = [leaf for leaf in leaves if leaf is not base]
+        rec, ops = _merge.replay(base, others)
+        replays = [
+            Action(
+                SEND, id, Future(), op["reducer"], dumps(op.get("data")), op.get("key"), uid=op["u"]
+            )
+            for op in ops
+        ]
+        plan = self._fold(id, rec, replays + actions, force=True)
+        plan.actions = actions
+        plan.drop = tuple(leaf.rev for leaf in others)
+        return plan
 
     def _fail(self, actions: Sequence[Action], error: CasernError) -> None:
         for a in actions:
@@ -579,9 +668,18 @@ class Engine:
         return parsed
 
     def _fold(
-        self, id: str, rec: Record | None, actions: list[Action], state_json: str | None = None
+        self,
+        id: str,
+        rec: Record | None,
+        actions: list[Action],
+        state_json: str | None = None,
+        *,
+        force: bool = False,
     ) -> _Plan:
-        """Apply `actions` in order to one envelope; return what to write and to answer."""
+        """Apply `actions` in order to one envelope; return what to write and to answer.
+
+        `force`: write even if nothing changed (a merge must delete its siblings).
+        """
         doc: Doc = dict(rec.doc) if rec else {"state": {}, "seq": 0, "version": self.state_version}
         plan = _Plan(id, rec.rev if rec else None, None, actions, [])
         try:
@@ -602,10 +700,19 @@ class Engine:
         if self.log_chunk and len(log_) >= self.log_chunk:
             plan.flush_log, log_ = log_, []
         failed: list[Doc] = list(doc.get("failed", ()))
+        ops: list[Doc] = list(doc.get("ops", ()))
+        uids = {op["u"] for op in ops}
         changed = False  # the state changed: new seq(s)
         meta = False  # something else in the envelope changed
 
-        def step(name: str, data_json: str, key: str | None, a: Action, now: float) -> None:
+        def step(
+            name: str,
+            data_json: str,
+            key: str | None,
+            a: Action,
+            now: float,
+            fire: float | None = None,
+        ) -> None:
             nonlocal state, cur_json, seq, changed
             try:
                 new = self.reducers[name](
@@ -636,8 +743,18 @@ class Engine:
             }
             if self.history:
                 (log_ if self.log_chunk else plan.history).append(record)
+            uid = ""
+            if self.journal:
+                uid = a.uid if fire is None else secrets.token_hex(8)
+                op = {"u": uid, "seq": seq, "reducer": name, "data": record["data"], "key": key}
+                if fire is not None:
+                    op["fire"] = fire
+                ops.append(op)
+                uids.add(uid)
             if self.outbox:
                 entry = dict(record, at=now, prev=json.loads(cur_json), state=json.loads(new_json))
+                if uid:
+                    entry["u"] = uid
                 pending.append(entry)
                 plan.deliveries.append(Delivery(id, entry))
             if key is not None:
@@ -650,7 +767,9 @@ class Engine:
             if a.kind in (SEND, FIRE, MIGRATE) and upgrade_error is not None:
                 plan.results.append((a, upgrade_error))
             elif a.kind == SEND:
-                if a.key is not None and a.key in keys:
+                if self.journal and not a.uid:
+                    a.uid = secrets.token_hex(8)  # kept across conflict retries
+                if (a.key is not None and a.key in keys) or (self.journal and a.uid in uids):
                     plan.results.append((a, cur_json))
                 else:
                     step(a.reducer, a.data_json, a.key, a, now)
@@ -667,7 +786,7 @@ class Engine:
                     del due[name]
                     fired[name] = at
                     before = len(plan.results)
-                    step(name, dumps({"now": now}), None, a, now)
+                    step(name, dumps({"now": now}), None, a, now, fire=at)
                     result = plan.results.pop(before) if len(plan.results) > before else None
                     if isinstance(result, BaseException):
                         log.error("timer %r of %r failed: %s", name, id, result)
@@ -700,6 +819,8 @@ class Engine:
             elif a.kind == MIGRATE:
                 plan.results.append((a, upgraded))
                 meta = meta or upgraded
+            elif a.kind == CHECK:
+                plan.results.append((a, None))
 
         if changed and self.timers:
             try:
@@ -722,7 +843,7 @@ class Engine:
                 if e["seq"] not in ours and e["seq"] < max(ours) and e["at"] <= cutoff
             ]
             plan.deliveries[:0] = sorted(stale, key=lambda d: d.entry["seq"])
-        if not (changed or meta or plan.flush_log):
+        if not (changed or meta or plan.flush_log or force):
             return plan
         del keys[: max(0, len(keys) - self.keep_keys)]
         new_doc: Doc = {
@@ -746,6 +867,8 @@ class Engine:
         if failed:
             new_doc["failed"] = failed
             new_doc["nfailed"] = len(failed)
+        if ops:
+            new_doc["ops"] = ops[-self.keep_keys :]
         plan.doc = new_doc
         plan.state_json = cur_json if upgrade_error is None else dumps(new_doc["state"])
         return plan
