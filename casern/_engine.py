@@ -307,7 +307,11 @@ class Engine:
         self._retry_later(a)
 
     def _release(self, id: str, doc: Doc) -> list[Delivery]:
-        """Held changes of `id` still in `doc`'s outbox under the same seq."""
+        """Held changes of `id` still in `doc`'s outbox, the very same entry under the same seq.
+
+        Two merges of one fork replay an action as the same seq but at different
+        times (`at`): only the process whose merge survived hands it over.
+        """
         held = self._held.pop(id, None)
         if not held:
             return []
@@ -315,7 +319,9 @@ class Engine:
         return [
             d
             for d in held
-            if (e := pending.get(d.entry["seq"])) is not None and e.get("u") == d.entry.get("u")
+            if (e := pending.get(d.entry["seq"])) is not None
+            and e.get("u") == d.entry.get("u")
+            and e.get("at") == d.entry.get("at")
         ]
 
     def _done(self, _: Future[Any]) -> None:
