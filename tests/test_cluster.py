@@ -71,6 +71,13 @@ def _apps(cluster: ApacheCouch, db: str, seen: Seen, nodes: list[int]) -> list[c
     return [casern.Casern(f"{urls[i]}/{db}", {}, {}, {"inc": inc}, {"seen": seen}) for i in nodes]
 
 
+def _run_all(workers: list[threading.Thread]) -> None:
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join()
+
+
 def _check_one_counter(cluster: ApacheCouch, db: str, id: str, sent: int, seen: Seen) -> None:
     """Exact count, gapless seq, history = state, no fork left, one change per (id, seq)."""
     with casern.Casern(f"{cluster.url}/{db}", {}, {}, {"inc": inc}, {}) as app:
@@ -100,11 +107,7 @@ def test_two_processes_on_two_nodes_lose_no_update_on_one_id(cluster: ApacheCouc
         for _ in range(sends):
             app.send("inc", "counter")
 
-    workers = [threading.Thread(target=writer, args=(a,)) for a in apps for _ in range(threads)]
-    for t in workers:
-        t.start()
-    for t in workers:
-        t.join()
+    _run_all([threading.Thread(target=writer, args=(a,)) for a in apps for _ in range(threads)])
     for app in apps:
         assert app.drain(60)
     _check_one_counter(cluster, db, "counter", len(apps) * threads * sends, seen)
@@ -121,11 +124,7 @@ def test_concurrent_creation_of_the_same_new_ids_loses_nothing(cluster: ApacheCo
         for id in ids:
             app.send("inc", id)
 
-    workers = [threading.Thread(target=writer, args=(a,)) for a in apps]
-    for t in workers:
-        t.start()
-    for t in workers:
-        t.join()
+    _run_all([threading.Thread(target=writer, args=(a,)) for a in apps])
     for app in apps:
         assert app.drain(60)
     with casern.Casern(f"{cluster.url}/{db}", {}, {}, {"inc": inc}, {}) as app:
@@ -215,12 +214,8 @@ def test_a_node_killed_mid_traffic_loses_nothing(cluster: ApacheCouch) -> None:
                 app.send("inc", id)
             done[n] += 1
 
-    workers = [threading.Thread(target=writer, args=(n, a)) for n, a in enumerate(apps)]
     try:
-        for t in workers:
-            t.start()
-        for t in workers:
-            t.join()
+        _run_all([threading.Thread(target=writer, args=(n, a)) for n, a in enumerate(apps)])
     finally:
         if killed.is_set() and not restarted.is_set():
             cluster.start_node(3)
