@@ -36,12 +36,12 @@ from ._engine import (
     Action,
     Delivery,
     Engine,
-    dumps,
     encode_data,
     freeze,
 )
 from ._errors import CasernError, InvalidData, ReducerError, UnknownReducer
 from ._ids import check_id
+from ._json import dumps, encodable
 from ._types import Listener, Reducer, State, Timer, Upgrade
 from .stores import Store, open_store
 
@@ -202,6 +202,8 @@ class Casern:
                 f"key must be a str of at most {MAX_KEY_LENGTH} characters or None,"
                 f" not {type(key).__name__}" + (f" of {len(key)}" if isinstance(key, str) else "")
             )
+        if key is not None and not encodable(key):
+            raise InvalidData(f"key {key!r:.60} holds a lone surrogate, which is not Unicode text")
         data_json = encode_data(reducer, data)
         validator = self._validators.get(reducer)
         if validator is not None:

@@ -25,7 +25,8 @@ from typing import Any
 
 from ._backoff import Backoff
 from ._change import Change
-from ._engine import Delivery, Engine, dumps
+from ._engine import Delivery, Engine
+from ._json import dumps
 from ._threads import DaemonPool
 from ._types import Listener
 from .stores.base import Doc

@@ -35,6 +35,7 @@ from ._errors import (
     ReducerError,
     UpgradeError,
 )
+from ._json import Refusal, dumps, encodable, to_json
 from ._types import Reducer, Timer, Upgrade
 from .stores.base import Doc, Record, Store, Write
 
@@ -45,24 +46,12 @@ CHECK = "check"  # re-read an id that may have forked: merge, or hand over held 
 MAX_BATCH = 500
 
 
-# One encoder, built once: json.dumps with options builds a new one per call.
-_ENCODE = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
-
-
-def dumps(value: Any) -> str:
-    """Canonical JSON text: compact, unicode kept, NaN refused."""
-    return _ENCODE(value)
-
-
 def encode_data(reducer: str, data: Any) -> str:
-    """`data` as JSON text for `reducer`, or the `InvalidData` that says why it is not JSON."""
+    """`data` as JSON text for `reducer`, or the `InvalidData` that says why casern refuses it."""
     try:
-        text = dumps(data)
-    except (TypeError, ValueError) as e:
-        raise InvalidData(f"data for {reducer!r} is not JSON: {e}") from None
-    if isinstance(data, dict | list) and (bad := non_str_key(data)) is not None:
-        raise InvalidData(f"data for {reducer!r} has a non-str key {bad!r}; JSON keys are strings")
-    return text
+        return to_json(data)[0]
+    except Refusal as e:
+        raise InvalidData(f"data for {reducer!r} {e}") from None
 
 
 def freeze(value: Any) -> Any:
@@ -144,31 +133,25 @@ def _normalize(value: Any) -> tuple[str, dict[str, Any]]:
             " return the new state, even if unchanged"
         )
     try:
-        text = dumps(value)
-    except (TypeError, ValueError) as e:
-        raise InvalidState(f"the new state is not JSON-serialisable: {e}") from None
-    parsed: dict[str, Any] = json.loads(text)
-    if parsed != value:
-        bad = non_str_key(value)
-        if bad is not None:
-            raise InvalidState(f"the new state has a non-str key {bad!r}; JSON keys are strings")
+        text, parsed = to_json(value)
+    except Refusal as e:
+        raise InvalidState(f"the new state {e}") from None
     return text, parsed
 
 
-def non_str_key(value: Any) -> Any:
-    if isinstance(value, dict):
-        for k, v in value.items():
-            if not isinstance(k, str):
-                return k
-            bad = non_str_key(v)
-            if bad is not None:
-                return bad
-    elif isinstance(value, (list, tuple)):
-        for v in value:
-            bad = non_str_key(v)
-            if bad is not None:
-                return bad
-    return None
+def _storable(failure: Doc) -> Doc:
+    """A failure record whose error text can be stored (an exception message may hold anything)."""
+    error = failure.get("error")
+    if isinstance(error, str) and not encodable(error):
+        return dict(failure, error=error.encode("utf-8", "backslashreplace").decode())
+    return failure
+
+
+def too_large(reducer: str, size: int, limit: int) -> InvalidState:
+    return InvalidState(
+        f"reducer {reducer!r}: the new state is {size:,} bytes of JSON, over this store's"
+        f" document limit of {limit:,} bytes; keep big data elsewhere and store a reference"
+    )
 
 
 class _LRU:
@@ -509,12 +492,18 @@ class Engine:
         released: list[Delivery] = []
         for id, actions in groups.items():
             hit = cached.get(id)
-            if len(leaves.get(id, ())) > 1:
-                plan = self._merge(id, leaves[id], actions)
-            elif hit is not None:
-                plan = self._fold(id, hit[0], actions, hit[1])
-            else:
-                plan = self._fold(id, fetched.get(id), actions)
+            try:
+                if len(leaves.get(id, ())) > 1:
+                    plan = self._merge(id, leaves[id], actions)
+                elif hit is not None:
+                    plan = self._fold(id, hit[0], actions, hit[1])
+                else:
+                    plan = self._fold(id, fetched.get(id), actions)
+            except Exception as e:  # one id's envelope never fails another id's actions
+                log.exception("casern could not fold the actions of %r", id)
+                self.cache.pop(id)
+                self._fail(actions, CasernError(f"could not apply the actions of {id!r}: {e!r}"))
+                continue
             if plan.doc is not None:
                 plans.append(plan)
             elif id in cached and any(a.kind in (SEND, FIRE) for a in actions):
@@ -531,21 +520,22 @@ class Engine:
             self._hand_over(released)
         if not plans:
             return
+        plans = [p for p in plans if self._flush_log(p)]
         writes = [Write(p.id, p.rev, p.doc or {}, p.history, p.drop) for p in plans]
         try:
-            for p in plans:
-                # Committed entries, written before the envelope drops them: if
-                # that write then conflicts, rewriting them later is harmless.
-                if p.flush_log:
-                    self.store.put_history(p.id, p.flush_log)
-            revs = self.store.put_many(writes)
+            revs = self.store.put_many(writes) if writes else []
         except CasernError as e:
             for p in plans:
                 self.cache.pop(p.id)
                 self._fail(p.actions, e)
             return
         landed: list[_Plan] = []
+        landed_revs: dict[str, str] = {}
         for plan, rev in zip(plans, revs, strict=True):
+            if isinstance(rev, CasernError):  # the store refused this one document
+                self.cache.pop(plan.id)
+                self._fail(plan.actions, rev)
+                continue
             if rev is None:
                 self.cache.pop(plan.id)
                 for a in plan.actions:
@@ -555,8 +545,9 @@ class Engine:
             assert plan.doc is not None
             self.cache.put(Record(plan.id, rev, plan.doc), plan.state_json)
             landed.append(plan)
+            landed_revs[plan.id] = rev
         if self.journal and landed:
-            self._confirm(landed, revs=dict(zip([p.id for p in plans], revs, strict=True)))
+            self._confirm(landed, landed_revs)
         # Hand effects over before answering, so that a caller who has its answer
         # can rely on the listeners being under way (see `Casern.drain`).
         self._hand_over([d for plan in landed for d in plan.deliveries])
@@ -572,14 +563,14 @@ class Engine:
             except Exception:  # committed all the same: the outbox keeps the changes
                 log.exception("handing committed changes to the listeners failed")
 
-    def _confirm(self, landed: list[_Plan], revs: Mapping[str, str | None]) -> None:
+    def _confirm(self, landed: list[_Plan], revs: Mapping[str, str]) -> None:
         """Hold back the changes of writes that may still fork; check those again later.
 
         Listeners key their effects on `(id, seq)`: a change is handed over only
         once no merge can give its seq to another change.
         """
         try:
-            sure = self.store.confirm({p.id: rev for p in landed if (rev := revs[p.id])})
+            sure = self.store.confirm(revs)
         except CasernError as e:
             log.warning("could not confirm %d write(s), checking again later: %s", len(landed), e)
             sure = set()
@@ -610,6 +601,22 @@ class Engine:
         plan.actions = actions
         plan.drop = tuple(leaf.rev for leaf in others)
         return plan
+
+    def _flush_log(self, plan: _Plan) -> bool:
+        """Write the committed entries the envelope is about to drop; False if that failed.
+
+        Written before the envelope: if that write then conflicts, rewriting
+        them later is harmless.
+        """
+        if not plan.flush_log:
+            return True
+        try:
+            self.store.put_history(plan.id, plan.flush_log)
+        except CasernError as e:
+            self.cache.pop(plan.id)
+            self._fail(plan.actions, e)
+            return False
+        return True
 
     def _fail(self, actions: Sequence[Action], error: CasernError) -> None:
         for a in actions:
@@ -711,6 +718,8 @@ class Engine:
         changed = False  # the state changed: new seq(s)
         meta = False  # something else in the envelope changed
 
+        limit = self.store.max_document_size
+
         def step(
             name: str,
             data_json: str,
@@ -733,6 +742,9 @@ class Engine:
                 new_json, new_state = _normalize(new)
             except InvalidState as e:
                 plan.results.append((a, InvalidState(f"reducer {name!r}: {e}")))
+                return
+            if limit is not None and len(new_json) * 4 > limit and len(new_json.encode()) > limit:
+                plan.results.append((a, too_large(name, len(new_json.encode()), limit)))
                 return
             if new_json == cur_json or (new_state == state and same(new_state, state)):
                 plan.results.append((a, cur_json))
@@ -803,7 +815,7 @@ class Engine:
                     meta = True
                     plan.acked.update(a.seqs)
                 pending = kept
-                failed.extend(a.failed)
+                failed.extend(_storable(f) for f in a.failed)
                 plan.results.append((a, None))
             elif a.kind == RETRY:
                 # Failed deliveries go back to the outbox, only for the listeners that failed.

@@ -35,6 +35,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from .._errors import CasernError, InvalidState
+
 __all__ = ["Record", "Store", "Write"]
 
 Doc = dict[str, Any]
@@ -87,6 +89,9 @@ class Store(ABC):
     #: True if an envelope can get sibling revisions (replicas that accept
     #: writes independently); the engine then journals, confirms and merges.
     may_fork: bool = False
+    #: The largest envelope the store holds, in bytes of JSON (None: no limit).
+    #: A state bigger than this is refused with `InvalidState` before any write.
+    max_document_size: int | None = None
 
     @abstractmethod
     def get_many(self, ids: Sequence[str]) -> dict[str, Record]:
@@ -97,12 +102,14 @@ class Store(ABC):
         return self.get_many([id]).get(id)
 
     @abstractmethod
-    def put_many(self, writes: Sequence[Write]) -> list[str | None]:
+    def put_many(self, writes: Sequence[Write]) -> list[str | CasernError | None]:
         """Write each envelope if its revision still matches.
 
-        Returns, in order, the new revision of each write, or None where the
-        revision did not match (a conflict: that write changed nothing). Writes
-        are independent: one conflict does not undo the others.
+        Returns, in order, the new revision of each write, None where the
+        revision did not match (a conflict: that write changed nothing), or
+        the `CasernError` saying why the store refused that one document (too
+        large, not encodable): nothing of it was written. Writes are
+        independent: one conflict or refusal does not undo the others.
         """
 
     @abstractmethod
@@ -154,6 +161,21 @@ class Store(ABC):
 def index_fields(doc: Doc) -> tuple[float | None, float | None, int]:
     """The indexed fields of an envelope: (next_due, pending_since, nfailed)."""
     return doc.get("next_due"), doc.get("pending_since"), int(doc.get("nfailed") or 0)
+
+
+def refuse_envelope(id: str, problem: str) -> InvalidState:
+    """Why a store cannot hold one envelope; the other writes of the batch go on."""
+    return InvalidState(
+        f"the envelope of {id!r:.80} {problem}: it holds the state and, for each change whose"
+        " listeners have not run yet, that change's prev and state; keep states smaller"
+        " (big data elsewhere, a reference in the state)"
+    )
+
+
+def too_large(id: str, size: int, limit: int, where: str) -> InvalidState:
+    return refuse_envelope(
+        id, f"is about {size:,} bytes of JSON, over the document limit of {where} ({limit:,})"
+    )
 
 
 def chunks(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:

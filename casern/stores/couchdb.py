@@ -32,9 +32,9 @@ from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 import httpx
 
-from .._errors import StoreUnavailable
+from .._errors import CasernError, InvalidState, StoreUnavailable
 from .._ids import check_id
-from .base import Doc, Record, Store, Write, chunks
+from .base import Doc, Record, Store, Write, chunks, too_large
 
 __all__ = ["CouchDBStore"]
 
@@ -46,6 +46,9 @@ TOKEN = "casern_w"
 
 #: Keys per `_all_docs` request and docs per `_bulk_docs` request.
 CHUNK = 500
+
+#: CouchDB 3.x's default `[couchdb] max_document_size`, in bytes.
+DEFAULT_MAX_DOCUMENT_SIZE = 8_000_000
 
 # CouchDB database names: a lowercase letter, then [a-z0-9_$()+/-].
 _DB_NAME = re.compile(r"^[a-z][a-z0-9_$()+/-]*$")
@@ -92,6 +95,20 @@ def _clean(doc: Doc) -> Doc:
     return {k: v for k, v in doc.items() if not k.startswith("_") and k != TOKEN}
 
 
+def _by_id(writes: Sequence[Write], todo: list[int], rows: list[Doc]) -> list[int]:
+    """The write each `_bulk_docs` row answers, in row order.
+
+    pouchdb-server lists refused documents first, so rows are matched by id
+    (in request order among writes to one id), not by position.
+    """
+    slots: dict[str, list[int]] = {}
+    for i in todo:
+        slots.setdefault(writes[i].id, []).append(i)
+    if len(rows) != len(todo):
+        raise StoreUnavailable(f"_bulk_docs answered {len(rows)} rows for {len(todo)} documents")
+    return [slots[row["id"]].pop(0) for row in rows]
+
+
 def _dumps(body: Any) -> bytes:
     # allow_nan=False: CouchDB cannot store NaN/Infinity; fail here, not there.
     return json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
@@ -110,6 +127,13 @@ class _MissingDB(Exception):
     """The database is gone (deleted, or an in-memory server restarted)."""
 
 
+class _TooLarge(Exception):
+    """CouchDB refused a whole `_bulk_docs` for one document over `max_document_size`."""
+
+    def __init__(self, id: str) -> None:
+        self.id = id
+
+
 class CouchDBStore(Store):
     """Envelopes in a CouchDB database, written with `_bulk_docs`.
 
@@ -117,6 +141,8 @@ class CouchDBStore(Store):
     (and `<dbname>-history`) is created if missing. Every request is retried
     `retries` times with exponential back-off and jitter on transport errors
     and 5xx answers, then raises `StoreUnavailable`. `transport` is for tests.
+    `max_document_size` (bytes) is read from the server's configuration when
+    the user may read it, else CouchDB's default of 8,000,000 applies.
     """
 
     atomic_history = False
@@ -134,6 +160,7 @@ class CouchDBStore(Store):
         timeout: float = 10.0,
         retries: int = 5,
         transport: httpx.BaseTransport | None = None,
+        max_document_size: int | None = None,
     ) -> None:
         parts = urlsplit(url)
         try:
@@ -190,6 +217,10 @@ class CouchDBStore(Store):
             # when no endkey is given: so always send the highest key there is.
             pouch = isinstance(welcome, dict) and "express-pouchdb" in welcome
             self._high = "\uffff" if pouch else "\U0010ffff"
+            if max_document_size is not None:
+                self.max_document_size = max_document_size
+            elif not pouch:  # pouchdb-server has no document limit
+                self.max_document_size = self._read_max_document_size()
             self._create(self._db)
             info = self._call("GET", self._db, db=self._db)
             cluster = info.get("cluster") if isinstance(info, dict) else None
@@ -260,11 +291,11 @@ class CouchDBStore(Store):
                     sure.add(row["id"])
         return sure
 
-    def put_many(self, writes: Sequence[Write]) -> list[str | None]:
+    def put_many(self, writes: Sequence[Write]) -> list[str | CasernError | None]:
         """One `_bulk_docs` per chunk; a retried chunk never applies a write twice."""
         for w in writes:
             check_id(w.id)  # "_design/x" in _bulk_docs would create a design doc
-        results: list[str | None] = [None] * len(writes)
+        results: list[str | CasernError | None] = [None] * len(writes)
         for start in range(0, len(writes), CHUNK):
             part = writes[start : start + CHUNK]
             results[start : start + len(part)] = self._put_chunk(part)
@@ -353,7 +384,7 @@ class CouchDBStore(Store):
 
     # -- writes ---------------------------------------------------------------
 
-    def _put_chunk(self, writes: Sequence[Write]) -> list[str | None]:
+    def _put_chunk(self, writes: Sequence[Write]) -> list[str | CasernError | None]:
         """Send one `_bulk_docs`, retrying only writes that provably did not land.
 
         After a transport error or 5xx the request may or may not have been
@@ -362,8 +393,21 @@ class CouchDBStore(Store):
         right after the one we wrote against) is our write, landed.
         """
         tokens = [secrets.token_hex(8) for _ in writes]
-        results: list[str | None] = [None] * len(writes)
-        todo = list(range(len(writes)))
+        results: list[str | CasernError | None] = [None] * len(writes)
+        # Each document encoded (and measured) alone: one that cannot be sent
+        # is refused by itself, the others still go.
+        encoded: dict[int, bytes] = {}
+        for i, w in enumerate(writes):
+            body = {**_clean(w.doc), TOKEN: tokens[i], "_id": w.id}
+            if w.rev is not None:
+                body["_rev"] = w.rev
+            try:
+                encoded[i] = self._encode_doc(w.id, body)
+            except InvalidState as e:
+                results[i] = e
+        todo = list(encoded)
+        if not todo:
+            return results
         check = False
         failure = ""
         for attempt in range(self._retries + 1):
@@ -375,18 +419,12 @@ class CouchDBStore(Store):
                     check = False
                     if not todo:
                         return results
-                docs = []
-                for i in todo:
-                    w = writes[i]
-                    body = {**_clean(w.doc), TOKEN: tokens[i], "_id": w.id}
-                    if w.rev is not None:
-                        body["_rev"] = w.rev
-                    docs.append(body)
+                docs = b'{"docs":[' + b",".join(encoded[i] for i in todo) + b"]}"
                 status: list[int] = []
                 rows = self._once(
                     "POST",
                     self._db + "/_bulk_docs",
-                    {"docs": docs},
+                    docs,
                     params={"w": str(self.n)} if self.may_fork else None,
                     status=status,
                 )
@@ -394,6 +432,14 @@ class CouchDBStore(Store):
                     self._note_partial(
                         (row["id"], row["rev"]) for row in rows if "error" not in row
                     )
+            except _TooLarge as exc:  # CouchDB measured more than we did: refuse that one
+                named = [i for i in todo if writes[i].id == exc.id] or todo
+                for i in named:
+                    results[i] = self._too_large(writes[i].id, len(encoded[i]))
+                todo = [i for i in todo if i not in named]
+                if not todo:
+                    return results
+                continue
             except _Retry as exc:
                 failure, check = exc.what, check or exc.sent
                 continue
@@ -401,15 +447,15 @@ class CouchDBStore(Store):
                 self._create(self._db)
                 failure = "the database was missing and has been created again"
                 continue
-            self._drop([writes[i] for i, row in zip(todo, rows, strict=True) if "error" not in row])
-            errors = []
-            for i, row in zip(todo, rows, strict=True):
+            order = _by_id(writes, todo, rows)
+            self._drop(
+                [writes[i] for i, row in zip(order, rows, strict=True) if "error" not in row]
+            )
+            for i, row in zip(order, rows, strict=True):
                 if "error" not in row:
                     results[i] = row["rev"]
-                elif row["error"] != "conflict":
-                    errors.append(row)
-            if errors:
-                raise self._refused(errors[0], more=len(errors) - 1)
+                elif row["error"] != "conflict":  # about this document only (a validation)
+                    results[i] = InvalidState(str(self._refused(row)))
             return results
         raise self._unavailable(failure)
 
@@ -441,7 +487,7 @@ class CouchDBStore(Store):
         writes: Sequence[Write],
         tokens: list[str],
         todo: list[int],
-        results: list[str | None],
+        results: list[str | CasernError | None],
     ) -> list[int]:
         """Settle writes that landed (their rev into `results`); return the rest."""
         current = {}
@@ -468,7 +514,7 @@ class CouchDBStore(Store):
         writes: Sequence[Write],
         tokens: list[str],
         unsure: list[int],
-        results: list[str | None],
+        results: list[str | CasernError | None],
     ) -> None:
         """Decide writes whose doc moved on: did ours land first, then get overwritten?
 
@@ -623,7 +669,7 @@ class CouchDBStore(Store):
             resp = self._client.request(
                 method,
                 path,
-                content=None if body is None else _dumps(body),
+                content=body if body is None or isinstance(body, bytes) else _dumps(body),
                 params=params,
             )
         except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
@@ -649,9 +695,34 @@ class CouchDBStore(Store):
             # Every path we use is a database endpoint: 404 means no database
             # (CouchDB: "Database does not exist.", pouchdb-server: "no_db_file").
             raise _MissingDB()
+        if status_code == 413 and err.get("error") == "document_too_large":
+            raise _TooLarge(str(err.get("reason", "")))
         if status_code >= 500 and err.get("error") not in _PERMANENT:
             raise _Retry(f"HTTP {status_code} {err.get('error', '')}".strip(), sent=True)
         raise self._refused(err, status=status_code)
+
+    def _read_max_document_size(self) -> int:
+        """The server's `[couchdb] max_document_size`; its default if unset or not readable."""
+        try:
+            resp = self._client.get("/_node/_local/_config/couchdb/max_document_size")
+            if resp.status_code == 200:
+                return int(resp.json())
+        except (httpx.HTTPError, ValueError, TypeError):
+            pass
+        return DEFAULT_MAX_DOCUMENT_SIZE
+
+    def _encode_doc(self, id: str, body: Doc) -> bytes:
+        """One document as UTF-8 JSON, or `InvalidState` if it cannot be sent or is too big."""
+        try:
+            data = _dumps(body)
+        except (TypeError, ValueError, RecursionError) as e:  # UnicodeEncodeError is a ValueError
+            raise InvalidState(f"the envelope of {id!r:.80} cannot be stored: {e}") from None
+        if self.max_document_size is not None and len(data) > self.max_document_size:
+            raise self._too_large(id, len(data))
+        return data
+
+    def _too_large(self, id: str, size: int) -> InvalidState:
+        return too_large(id, size, self.max_document_size or 0, f"CouchDB at {self.url}")
 
     def _pause(self, attempt: int, failure: str) -> None:
         delay = min(5.0, 0.1 * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)

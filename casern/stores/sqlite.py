@@ -20,8 +20,8 @@ from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from .._errors import StoreUnavailable
-from .base import Doc, Record, Store, Write, chunks, index_fields
+from .._errors import CasernError, InvalidState, StoreUnavailable
+from .base import Doc, Record, Store, Write, chunks, index_fields, too_large
 
 __all__ = ["SQLiteStore"]
 
@@ -57,11 +57,20 @@ _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 
 class SQLiteStore(Store):
-    """Envelopes in one SQLite file (or in memory for `sqlite://`)."""
+    """Envelopes in one SQLite file (or in memory for `sqlite://`).
+
+    `max_document_size` (bytes of JSON per envelope) lowers SQLite's own limit.
+    """
 
     atomic_history = True
 
-    def __init__(self, url: str = "sqlite:///casern.db", *, busy_timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        url: str = "sqlite:///casern.db",
+        *,
+        busy_timeout: float = 30.0,
+        max_document_size: int | None = None,
+    ) -> None:
         parts = urlsplit(url)
         if parts.scheme != "sqlite":
             raise ValueError(f"not an sqlite URL: {url!r}; use sqlite:///relative.db")
@@ -103,6 +112,9 @@ class SQLiteStore(Store):
                 isolation_level=None,  # we issue BEGIN/COMMIT ourselves
                 check_same_thread=False,
             )
+            # SQLite's own limit on one value (1,000,000,000 bytes unless compiled otherwise).
+            limit = self._db.getlimit(sqlite3.SQLITE_LIMIT_LENGTH)
+            self.max_document_size: int = min(limit, max_document_size or limit)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute(f"PRAGMA synchronous={synchronous.upper()}")
             self._retry(self._create_schema)
@@ -188,12 +200,24 @@ class SQLiteStore(Store):
                 found[id] = Record(id, str(rev), json.loads(doc))
         return found
 
-    def put_many(self, writes: Sequence[Write]) -> list[str | None]:
-        def run(db: sqlite3.Connection) -> list[str | None]:
-            revs: list[str | None] = []
-            for w in writes:
+    def put_many(self, writes: Sequence[Write]) -> list[str | CasernError | None]:
+        # Encoded before the transaction: one row that cannot be written is
+        # refused alone instead of rolling back everybody's writes.
+        results: list[str | CasernError | None] = [None] * len(writes)
+        rows: list[tuple[int, str, list[tuple[str, int, str]]]] = []
+        for i, w in enumerate(writes):
+            try:
+                doc = self._text(w.id, w.doc)
+                history = [(w.id, h["seq"], self._text(w.id, h)) for h in w.history]
+            except CasernError as e:
+                results[i] = e
+                continue
+            rows.append((i, doc, history))
+
+        def run(db: sqlite3.Connection) -> list[str | CasernError | None]:
+            for i, doc, history in rows:
+                w = writes[i]
                 next_due, pending_since, nfailed = index_fields(w.doc)
-                doc = _dumps(w.doc)
                 if w.rev is None:
                     cur = db.execute(
                         "INSERT OR IGNORE INTO machines"
@@ -210,17 +234,26 @@ class SQLiteStore(Store):
                         (int(rev), doc, next_due, pending_since, nfailed, w.id, int(w.rev)),
                     )
                 if cur.rowcount != 1:
-                    revs.append(None)
                     continue
-                if w.history:
+                if history:
                     db.executemany(
-                        "INSERT OR IGNORE INTO history (id, seq, entry) VALUES (?, ?, ?)",
-                        [(w.id, h["seq"], _dumps(h)) for h in w.history],
+                        "INSERT OR IGNORE INTO history (id, seq, entry) VALUES (?, ?, ?)", history
                     )
-                revs.append(rev)
-            return revs
+                results[i] = rev
+            return results
 
-        return self._transaction(run) if writes else []
+        return self._transaction(run) if rows else results
+
+    def _text(self, id: str, doc: Doc) -> str:
+        """`doc` as JSON text this file can hold, or the `InvalidState` that says why not."""
+        try:
+            text = _dumps(doc)
+            size = len(text) if text.isascii() else len(text.encode("utf-8"))
+        except (TypeError, ValueError, RecursionError) as e:  # UnicodeEncodeError is a ValueError
+            raise InvalidState(f"the envelope of {id!r:.80} cannot be stored: {e}") from None
+        if size > self.max_document_size:
+            raise too_large(id, size, self.max_document_size, "SQLite")
+        return text
 
     def put_history(self, id: str, entries: Sequence[Doc]) -> None:
         if not entries:
