@@ -311,8 +311,15 @@ class CouchDBStore(Store):
                 raise ValueError(f"a history entry needs an int seq >= 0, not {seq!r}")
             docs.append({**_clean(entry), "_id": _history_id(id, seq)})
         for part in chunks(docs, CHUNK):
-            # Creates without _rev: a resend after a lost answer just conflicts.
-            rows = self._call("POST", self._hdb + "/_bulk_docs", {"docs": list(part)}, db=self._hdb)
+            # Creates without _rev: a resend after a lost answer just conflicts. On a
+            # cluster every replica takes them (w=n), so any replica's _all_docs shows them.
+            rows = self._call(
+                "POST",
+                self._hdb + "/_bulk_docs",
+                {"docs": list(part)},
+                params=self._quorum(),
+                db=self._hdb,
+            )
             for row in rows:
                 if "error" in row and row["error"] != "conflict":
                     raise self._refused(row)
@@ -425,7 +432,7 @@ class CouchDBStore(Store):
                     "POST",
                     self._db + "/_bulk_docs",
                     docs,
-                    params={"w": str(self.n)} if self.may_fork else None,
+                    params=self._quorum(),
                     status=status,
                 )
                 if status and status[0] == 202 and self.may_fork:
@@ -475,6 +482,10 @@ class CouchDBStore(Store):
             self._call("POST", self._db + "/_bulk_docs", {"docs": drops}, db=self._db)
         except StoreUnavailable as e:
             log.warning("CouchDB at %s: merged siblings not deleted yet (%s)", self.url, e)
+
+    def _quorum(self) -> dict[str, str] | None:
+        """Write parameters: on a cluster, every replica must take a write for a 201."""
+        return {"w": str(self.n)} if self.may_fork else None
 
     def _note_partial(self, pairs: Any) -> None:
         with self._partial_lock:
