@@ -469,8 +469,12 @@ class Casern:
             # oldest entries are most likely ours, and reading them costs.
             ids = [i for i in self.store.pending(before, 1000) if not self._dispatcher.busy(i)]
             recs = self.store.get_many(ids) if ids else {}
+            # A forked envelope is merged first; its merged outbox is delivered then.
+            forked = [id for id, rec in recs.items() if rec.conflicts]
             wanted: dict[str, frozenset[int]] = {}
             for id, rec in recs.items():
+                if rec.conflicts:
+                    continue
                 seqs = frozenset(
                     e["seq"]
                     for e in rec.doc.get("pending", ())
@@ -483,6 +487,8 @@ class Casern:
                     wanted[id] = seqs
         finally:
             self._dispatcher.unwatch(seen)
+        if forked:
+            self._engine.check(forked)
         if not wanted:
             return
         futures = [

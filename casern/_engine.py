@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import random
+import secrets
 import threading
 import time
 import types
@@ -26,7 +27,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from . import _telemetry
+from . import _merge, _telemetry
 from ._errors import (
     CasernError,
     ConflictError,
@@ -43,6 +44,7 @@ log = logging.getLogger("casern")
 
 SEND, FIRE, ACK, RETRY, MIGRATE, FLUSH = "send", "fire", "ack", "retry", "migrate", "flush"
 CLAIM = "claim"
+CHECK = "check"  # re-read an id that may have forked: merge, or hand over held changes
 MAX_BATCH = 500
 
 
@@ -100,6 +102,7 @@ class Action:
     attempts: int = 0
     now: float | None = None  # FIRE: fire what is due by then (never later than the clock)
     trace: _telemetry.Send | None = None  # spans and metrics, reported when answered
+    uid: str = ""  # SEND on a store that may fork: journaled, applied once (see _merge.py)
 
 
 @dataclass(slots=True)
@@ -122,6 +125,7 @@ class _Plan:
     state_json: str = ""  # the JSON of doc["state"]
     deliveries: list[Delivery] = field(default_factory=list)
     acked: set[int] = field(default_factory=set)
+    drop: tuple[str, ...] = ()  # sibling revisions this write merges (deleted with it)
 
 
 def _normalize(value: Any) -> tuple[str, dict[str, Any]]:
@@ -227,6 +231,11 @@ class Engine:
         # grace a fresh commit gets, so two sweeps do not both run one change.
         self.token = uuid.uuid4().hex
         self.cache = _LRU(cache_size)
+        # A store that may fork journals every applied action (`ops`), and changes
+        # reach listeners only once their revision is confirmed; until then they
+        # are held here (touched by the leading thread only).
+        self.journal = store.may_fork
+        self._held: dict[str, list[Delivery]] = {}
         # Everything below is guarded by _lock. Whoever holds the `_leading` flag
         # is the one thread that folds and writes; see `submit`.
         self._lock = threading.Lock()
@@ -277,6 +286,36 @@ class Engine:
             else:
                 self._kick.set()
         return action.future
+
+    def check(self, ids: Sequence[str]) -> None:
+        """Queue a fresh read of ids that may have forked (merged by the committer)."""
+        for id in ids:
+            self.submit(Action(CHECK, id, Future()))
+
+    def _check_later(self, id: str) -> None:
+        a = Action(CHECK, id, Future())
+        with self._idle:
+            self._outstanding += 1
+        a.future.add_done_callback(self._done)
+        self._retry_later(a)
+
+    def _release(self, id: str, doc: Doc) -> list[Delivery]:
+        """Held changes of `id` still in `doc`'s outbox, the very same entry under the same seq.
+
+        Two merges of one fork replay an action as the same seq but at different
+        times (`at`): only the process whose merge survived hands it over.
+        """
+        held = self._held.pop(id, None)
+        if not held:
+            return []
+        pending = {e["seq"]: e for e in doc.get("pending", ())}
+        return [
+            d
+            for d in held
+            if (e := pending.get(d.entry["seq"])) is not None
+            and e.get("u") == d.entry.get("u")
+            and e.get("at") == d.entry.get("at")
+        ]
 
     def _done(self, _: Future[Any]) -> None:
         with self._idle:
@@ -490,18 +529,26 @@ class Engine:
         groups: dict[str, list[Action]] = {}
         for a in batch:
             groups.setdefault(a.id, []).append(a)
-        cached = {id: hit for id in groups if (hit := self.cache.get(id)) is not None}
+        checks = {a.id for a in batch if a.kind == CHECK}
+        cached = {
+            id: hit for id in groups if id not in checks and (hit := self.cache.get(id)) is not None
+        }
         missing = [id for id in groups if id not in cached]
         try:
             fetched = self.store.get_many(missing) if missing else {}
+            forked = [id for id, rec in fetched.items() if rec.conflicts]
+            leaves = self.store.leaves(forked) if forked else {}
         except CasernError as e:
             self._fail(batch, e)
             return
         plans: list[_Plan] = []
+        released: list[Delivery] = []
         for id, actions in groups.items():
             hit = cached.get(id)
             try:
-                if hit is not None:
+                if len(leaves.get(id, ())) > 1:
+                    plan = self._merge(id, leaves[id], actions)
+                elif hit is not None:
                     plan = self._fold(id, hit[0], actions, hit[1])
                 else:
                     plan = self._fold(id, fetched.get(id), actions)
@@ -522,10 +569,14 @@ class Engine:
                 self._resolve(plan)
                 if plan.acked:
                     self.on_acked(plan.id, frozenset(plan.acked))
+                if id in checks and (rec := fetched.get(id)) is not None:
+                    released += self._release(id, rec.doc)
+        if released:
+            self._hand_over(released)
         if not plans:
             return
         plans = [p for p in plans if self._flush_log(p)]
-        writes = [Write(p.id, p.rev, p.doc or {}, p.history) for p in plans]
+        writes = [Write(p.id, p.rev, p.doc or {}, p.history, p.drop) for p in plans]
         started = time.perf_counter()
         try:
             revs = self.store.put_many(writes) if writes else []
@@ -536,6 +587,7 @@ class Engine:
             return
         _telemetry.commit_duration(time.perf_counter() - started)
         landed: list[_Plan] = []
+        landed_revs: dict[str, str] = {}
         for plan, rev in zip(plans, revs, strict=True):
             if isinstance(rev, CasernError):  # the store refused this one document
                 self.cache.pop(plan.id)
@@ -551,18 +603,62 @@ class Engine:
             assert plan.doc is not None
             self.cache.put(Record(plan.id, rev, plan.doc), plan.state_json)
             landed.append(plan)
+            landed_revs[plan.id] = rev
+        if self.journal and landed:
+            self._confirm(landed, landed_revs)
         # Hand effects over before answering, so that a caller who has its answer
         # can rely on the listeners being under way (see `Casern.drain`).
-        deliveries = [d for plan in landed for d in plan.deliveries]
+        self._hand_over([d for plan in landed for d in plan.deliveries])
+        for plan in landed:
+            self._resolve(plan)
+            if plan.acked:
+                self.on_acked(plan.id, frozenset(plan.acked))
+
+    def _hand_over(self, deliveries: list[Delivery]) -> None:
         if deliveries:
             try:
                 self.on_commit(deliveries)
             except Exception:  # committed all the same: the outbox keeps the changes
                 log.exception("handing committed changes to the listeners failed")
+
+    def _confirm(self, landed: list[_Plan], revs: Mapping[str, str]) -> None:
+        """Hold back the changes of writes that may still fork; check those again later.
+
+        Listeners key their effects on `(id, seq)`: a change is handed over only
+        once no merge can give its seq to another change.
+        """
+        try:
+            sure = self.store.confirm(revs)
+        except CasernError as e:
+            log.warning("could not confirm %d write(s), checking again later: %s", len(landed), e)
+            sure = set()
         for plan in landed:
-            self._resolve(plan)
-            if plan.acked:
-                self.on_acked(plan.id, frozenset(plan.acked))
+            assert plan.doc is not None
+            if plan.id in sure:
+                seqs = {d.entry["seq"] for d in plan.deliveries}
+                held = [d for d in self._release(plan.id, plan.doc) if d.entry["seq"] not in seqs]
+                plan.deliveries[:0] = held
+            else:
+                self.cache.pop(plan.id)
+                self._held.setdefault(plan.id, []).extend(plan.deliveries)
+                plan.deliveries = []
+                self._check_later(plan.id)
+
+    def _merge(self, id: str, leaves: list[Record], actions: list[Action]) -> _Plan:
+        """Fold the sibling revisions of `id` into one write (see `_merge.py`), then `actions`."""
+        base = _merge.choose_base(leaves)
+        others = [leaf for leaf in leaves if leaf is not base]
+        rec, ops = _merge.replay(base, others)
+        replays = [
+            Action(
+                SEND, id, Future(), op["reducer"], dumps(op.get("data")), op.get("key"), uid=op["u"]
+            )
+            for op in ops
+        ]
+        plan = self._fold(id, rec, replays + actions, force=True)
+        plan.actions = actions
+        plan.drop = tuple(leaf.rev for leaf in others)
+        return plan
 
     def _flush_log(self, plan: _Plan) -> bool:
         """Write the committed entries the envelope is about to drop; False if that failed.
@@ -643,9 +739,18 @@ class Engine:
         return parsed
 
     def _fold(
-        self, id: str, rec: Record | None, actions: list[Action], state_json: str | None = None
+        self,
+        id: str,
+        rec: Record | None,
+        actions: list[Action],
+        state_json: str | None = None,
+        *,
+        force: bool = False,
     ) -> _Plan:
-        """Apply `actions` in order to one envelope; return what to write and to answer."""
+        """Apply `actions` in order to one envelope; return what to write and to answer.
+
+        `force`: write even if nothing changed (a merge must delete its siblings).
+        """
         doc: Doc = dict(rec.doc) if rec else {"state": {}, "seq": 0, "version": self.state_version}
         plan = _Plan(id, rec.rev if rec else None, None, actions, [])
         try:
@@ -666,12 +771,21 @@ class Engine:
         if self.log_chunk and len(log_) >= self.log_chunk:
             plan.flush_log, log_ = log_, []
         failed: list[Doc] = list(doc.get("failed", ()))
+        ops: list[Doc] = list(doc.get("ops", ()))
+        uids = {op["u"] for op in ops}
         changed = False  # the state changed: new seq(s)
         meta = False  # something else in the envelope changed
 
         limit = self.store.max_document_size
 
-        def step(name: str, data_json: str, key: str | None, a: Action, now: float) -> None:
+        def step(
+            name: str,
+            data_json: str,
+            key: str | None,
+            a: Action,
+            now: float,
+            fire: float | None = None,
+        ) -> None:
             nonlocal state, cur_json, seq, changed
             try:
                 new = self.reducers[name](
@@ -706,9 +820,19 @@ class Engine:
             }
             if self.history:
                 (log_ if self.log_chunk else plan.history).append(record)
+            uid = ""
+            if self.journal:
+                uid = a.uid if fire is None else secrets.token_hex(8)
+                op = {"u": uid, "seq": seq, "reducer": name, "data": record["data"], "key": key}
+                if fire is not None:
+                    op["fire"] = fire
+                ops.append(op)
+                uids.add(uid)
             if self.outbox:
                 entry = dict(record, at=now, prev=json.loads(cur_json), state=json.loads(new_json))
                 _telemetry.stamp(a, entry)
+                if uid:
+                    entry["u"] = uid
                 pending.append(entry)
                 plan.deliveries.append(Delivery(id, entry))
             if key is not None:
@@ -721,7 +845,9 @@ class Engine:
             if a.kind in (SEND, FIRE, MIGRATE) and upgrade_error is not None:
                 plan.results.append((a, upgrade_error))
             elif a.kind == SEND:
-                if a.key is not None and a.key in keys:
+                if self.journal and not a.uid:
+                    a.uid = secrets.token_hex(8)  # kept across conflict retries
+                if (a.key is not None and a.key in keys) or (self.journal and a.uid in uids):
                     _telemetry.duplicate(a)
                     plan.results.append((a, cur_json))
                 else:
@@ -740,7 +866,7 @@ class Engine:
                     fired[name] = at
                     _telemetry.fired(a, id, name, at, now)
                     before = len(plan.results)
-                    step(name, dumps({"now": now}), None, a, now)
+                    step(name, dumps({"now": now}), None, a, now, fire=at)
                     result = plan.results.pop(before) if len(plan.results) > before else None
                     if isinstance(result, BaseException):
                         log.error("timer %r of %r failed: %s", name, id, result)
@@ -779,6 +905,8 @@ class Engine:
                 plan.deliveries.extend(claimed)
                 meta = meta or bool(claimed)
                 plan.results.append((a, len(claimed)))
+            elif a.kind == CHECK:
+                plan.results.append((a, None))
 
         if changed and self.timers:
             try:
@@ -803,7 +931,7 @@ class Engine:
             }
             stale = self._claim(id, pending, old, now) if old else []
             plan.deliveries[:0] = sorted(stale, key=lambda d: d.entry["seq"])
-        if not (changed or meta or plan.flush_log):
+        if not (changed or meta or plan.flush_log or force):
             return plan
         del keys[: max(0, len(keys) - self.keep_keys)]
         new_doc: Doc = {
@@ -827,6 +955,8 @@ class Engine:
         if failed:
             new_doc["failed"] = failed
             new_doc["nfailed"] = len(failed)
+        if ops:
+            new_doc["ops"] = ops[-self.keep_keys :]
         plan.doc = new_doc
         plan.state_json = cur_json if upgrade_error is None else dumps(new_doc["state"])
         return plan

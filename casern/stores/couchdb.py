@@ -1,12 +1,20 @@
 """The CouchDB store: one document per machine, revisions as optimistic locks.
 
-Speaks the plain CouchDB 2.x/3.x HTTP API (tested against Apache CouchDB and
-pouchdb-server) through one thread-safe `httpx.Client`. Machine ids only ever
+Speaks the plain CouchDB 2.x/3.x HTTP API (tested against Apache CouchDB 3.5,
+single node and a 3-node cluster, and pouchdb-server) through one thread-safe
+`httpx.Client`. Machine ids only ever
 travel in JSON bodies (`_all_docs` keys, `_bulk_docs` docs), never in URL
 paths, so no id can reach another document, database or endpoint.
 
 History entries live in a second database, `<dbname>-history`, one document
 per `(id, seq)` with a deterministic id, so rewriting one is harmless.
+
+On a cluster (`GET /db` says `cluster.n` > 1) a document can fork: each replica
+accepts the first child of a revision that reaches it, so two writers on one
+revision can both win somewhere. There the store writes with `w=n` (every
+replica must take the write for a 201), reads with `conflicts=true`, and
+`confirm` re-reads from all `n` replicas before the engine lets listeners see
+a change (see `casern/_merge.py` for the merge).
 """
 
 from __future__ import annotations
@@ -18,8 +26,9 @@ import logging
 import random
 import re
 import secrets
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
@@ -144,6 +153,10 @@ def _generation(rev: str) -> int:
     return int(head) if head.isdigit() else 0
 
 
+def _record(id: str, doc: Doc) -> Record:
+    return Record(id, doc["_rev"], _clean(doc), tuple(doc.get("_conflicts", ())))
+
+
 def _clean(doc: Doc) -> Doc:
     """The envelope as the engine wrote it: CouchDB's and our own fields removed."""
     return {k: v for k, v in doc.items() if not k.startswith("_") and k != TOKEN}
@@ -200,6 +213,12 @@ class CouchDBStore(Store):
     """
 
     atomic_history = False
+    #: Replicas per document (`cluster.n`); 1 on a single node and pouchdb-server.
+    n: int = 1
+
+    @property
+    def may_fork(self) -> bool:  # type: ignore[override]
+        return self.n > 1
 
     def __init__(
         self,
@@ -247,6 +266,9 @@ class CouchDBStore(Store):
         self._db = "/" + quote(dbname, safe="")
         self._hdb = "/" + quote(dbname + "-history", safe="")
         self._retries = max(0, retries)
+        # Writes a cluster acknowledged with 202 (not every replica has them yet).
+        self._partial: set[tuple[str, str]] = set()
+        self._partial_lock = threading.Lock()
         base = urlunsplit((parts.scheme, netloc, "/".join(segments[:-1]), "", ""))
         self._client = httpx.Client(
             base_url=base,
@@ -267,6 +289,9 @@ class CouchDBStore(Store):
             elif not pouch:  # pouchdb-server has no document limit
                 self.max_document_size = self._read_max_document_size()
             self._create(self._db)
+            info = self._call("GET", self._db, db=self._db)
+            cluster = info.get("cluster") if isinstance(info, dict) else None
+            self.n = int(cluster.get("n", 1)) if isinstance(cluster, dict) else 1
         except BaseException:
             self._client.close()
             raise
@@ -278,12 +303,60 @@ class CouchDBStore(Store):
         for id in ids:
             check_id(id)  # "_design/x" would read a design document
         found: dict[str, Record] = {}
+        params = {"include_docs": "true"}
+        if self.may_fork:
+            params["conflicts"] = "true"
         for part in chunks(list(dict.fromkeys(ids)), CHUNK):
-            for row in self._rows(self._db, list(part)):
+            for row in self._rows(self._db, list(part), params):
                 doc = row.get("doc")
                 if isinstance(doc, dict):  # missing: error row; deleted: doc null
-                    found[row["id"]] = Record(row["id"], doc["_rev"], _clean(doc))
+                    found[row["id"]] = _record(row["id"], doc)
         return found
+
+    def leaves(self, ids: Sequence[str]) -> dict[str, list[Record]]:
+        """`_bulk_get` without revisions: every leaf (`open_revs=all`), the winner first."""
+        for id in ids:
+            check_id(id)
+        out: dict[str, list[Record]] = {}
+        for part in chunks(list(dict.fromkeys(ids)), CHUNK):
+            body = {"docs": [{"id": id} for id in part]}
+            answer = self._call("POST", self._db + "/_bulk_get", body, db=self._db)
+            for res in answer["results"]:
+                docs = [got["ok"] for got in res.get("docs", []) if isinstance(got.get("ok"), dict)]
+                live = [d for d in docs if not d.get("_deleted")]
+                if live:
+                    # CouchDB's winner: the highest generation, then the highest rev string.
+                    live.sort(key=lambda d: (_generation(d["_rev"]), d["_rev"]), reverse=True)
+                    out[res["id"]] = [_record(res["id"], d) for d in live]
+        return out
+
+    def confirm(self, landed: Mapping[str, str]) -> set[str]:
+        """Re-read every id from all `n` replicas (`r=n`, `conflicts=true`).
+
+        A write that every replica took (201 with `w=n`) left its parent a leaf
+        nowhere, so no writer can fork it any more; if the re-read then shows
+        it as the only leaf, nothing can take its place. A 202 (a replica did
+        not take it: a node down or slow) is not confirmed: the engine checks
+        again later.
+        """
+        if not self.may_fork:
+            return set(landed)
+        with self._partial_lock:
+            partial = {id for id, rev in landed.items() if (id, rev) in self._partial}
+            self._partial.difference_update((id, landed[id]) for id in partial)
+        sure: set[str] = set()
+        params = {"include_docs": "true", "conflicts": "true", "r": str(self.n)}
+        todo = [id for id in landed if id not in partial]
+        for part in chunks(todo, CHUNK):
+            for row in self._rows(self._db, list(part), params):
+                doc = row.get("doc")
+                if (
+                    isinstance(doc, dict)
+                    and doc.get("_rev") == landed[row["id"]]
+                    and not doc.get("_conflicts")
+                ):
+                    sure.add(row["id"])
+        return sure
 
     def put_many(self, writes: Sequence[Write]) -> list[str | CasernError | None]:
         """One `_bulk_docs` per chunk; a retried chunk never applies a write twice."""
@@ -305,8 +378,15 @@ class CouchDBStore(Store):
                 raise ValueError(f"a history entry needs an int seq >= 0, not {seq!r}")
             docs.append({**_clean(entry), "_id": _history_id(id, seq)})
         for part in chunks(docs, CHUNK):
-            # Creates without _rev: a resend after a lost answer just conflicts.
-            rows = self._call("POST", self._hdb + "/_bulk_docs", {"docs": list(part)}, db=self._hdb)
+            # Creates without _rev: a resend after a lost answer just conflicts. On a
+            # cluster every replica takes them (w=n), so any replica's _all_docs shows them.
+            rows = self._call(
+                "POST",
+                self._hdb + "/_bulk_docs",
+                {"docs": list(part)},
+                params=self._quorum(),
+                db=self._hdb,
+            )
             for row in rows:
                 if "error" in row and row["error"] != "conflict":
                     raise self._refused(row)
@@ -460,7 +540,18 @@ class CouchDBStore(Store):
                     if not todo:
                         return results
                 docs = b'{"docs":[' + b",".join(encoded[i] for i in todo) + b"]}"
-                rows = self._once("POST", self._db + "/_bulk_docs", docs)
+                status: list[int] = []
+                rows = self._once(
+                    "POST",
+                    self._db + "/_bulk_docs",
+                    docs,
+                    params=self._quorum(),
+                    status=status,
+                )
+                if status and status[0] == 202 and self.may_fork:
+                    self._note_partial(
+                        (row["id"], row["rev"]) for row in rows if "error" not in row
+                    )
             except _TooLarge as exc:  # CouchDB measured more than we did: refuse that one
                 named = [i for i in todo if writes[i].id == exc.id] or todo
                 for i in named:
@@ -476,13 +567,44 @@ class CouchDBStore(Store):
                 self._create(self._db)
                 failure = "the database was missing and has been created again"
                 continue
-            for i, row in zip(_by_id(writes, todo, rows), rows, strict=True):
+            order = _by_id(writes, todo, rows)
+            self._drop(
+                [writes[i] for i, row in zip(order, rows, strict=True) if "error" not in row]
+            )
+            for i, row in zip(order, rows, strict=True):
                 if "error" not in row:
                     results[i] = row["rev"]
                 elif row["error"] != "conflict":  # about this document only (a validation)
                     results[i] = InvalidState(str(self._refused(row)))
             return results
         raise self._unavailable(failure)
+
+    def _drop(self, landed: Sequence[Write]) -> None:
+        """Delete the siblings merged into writes that landed (best effort).
+
+        Not in the same request as the merged write: were that write refused
+        while a deletion went through, the sibling's changes would be gone. A
+        sibling left behind (moved on, or this request failed) is still a
+        conflict and is merged again; its actions are journaled, so none is
+        applied twice.
+        """
+        drops = [{"_id": w.id, "_rev": rev, "_deleted": True} for w in landed for rev in w.drop]
+        if not drops:
+            return
+        try:
+            self._call("POST", self._db + "/_bulk_docs", {"docs": drops}, db=self._db)
+        except StoreUnavailable as e:
+            log.warning("CouchDB at %s: merged siblings not deleted yet (%s)", self.url, e)
+
+    def _quorum(self) -> dict[str, str] | None:
+        """Write parameters: on a cluster, every replica must take a write for a 201."""
+        return {"w": str(self.n)} if self.may_fork else None
+
+    def _note_partial(self, pairs: Any) -> None:
+        with self._partial_lock:
+            if len(self._partial) > 100_000:  # never confirmed: forget the oldest guesses
+                self._partial.clear()
+            self._partial.update(pairs)
 
     def _reconcile(
         self,
@@ -568,10 +690,12 @@ class CouchDBStore(Store):
 
     # -- reads ----------------------------------------------------------------
 
-    def _rows(self, db: str, keys: list[str]) -> list[dict[str, Any]]:
+    def _rows(
+        self, db: str, keys: list[str], params: dict[str, str] | None = None
+    ) -> list[dict[str, Any]]:
         body = {"keys": keys}
         rows: list[dict[str, Any]] = self._call(
-            "POST", db + "/_all_docs", body, params={"include_docs": "true"}, db=db
+            "POST", db + "/_all_docs", body, params=params or {"include_docs": "true"}, db=db
         )["rows"]
         return rows
 
@@ -659,8 +783,12 @@ class CouchDBStore(Store):
         *,
         params: dict[str, str] | None = None,
         expect: tuple[int, ...] = (),
+        status: list[int] | None = None,
     ) -> Any:
-        """One request, no retry: JSON, or `_Retry` / `_MissingDB` / `StoreUnavailable`."""
+        """One request, no retry: JSON, or `_Retry` / `_MissingDB` / `StoreUnavailable`.
+
+        `status`, if given, receives the HTTP status of a successful answer.
+        """
         try:
             resp = self._client.request(
                 method,
@@ -673,27 +801,29 @@ class CouchDBStore(Store):
         except httpx.TransportError as exc:
             # Sent, maybe applied, answer lost (ReadError, ReadTimeout ...).
             raise _Retry(self._scrub(f"{type(exc).__name__}: {exc}"), sent=True) from None
-        status = resp.status_code
-        if status < 400 or status in expect:
+        status_code = resp.status_code
+        if status is not None:
+            status.append(status_code)
+        if status_code < 400 or status_code in expect:
             try:
                 return resp.json()
             except ValueError:
-                raise _Retry(f"a non-JSON answer ({status})", sent=True) from None
+                raise _Retry(f"a non-JSON answer ({status_code})", sent=True) from None
         try:
             err = resp.json()
         except ValueError:
             err = {}
         if not isinstance(err, dict):
             err = {}
-        if status == 404 and path != "/":
+        if status_code == 404 and path != "/":
             # Every path we use is a database endpoint: 404 means no database
             # (CouchDB: "Database does not exist.", pouchdb-server: "no_db_file").
             raise _MissingDB()
-        if status == 413 and err.get("error") == "document_too_large":
+        if status_code == 413 and err.get("error") == "document_too_large":
             raise _TooLarge(str(err.get("reason", "")))
-        if status >= 500 and err.get("error") not in _PERMANENT:
-            raise _Retry(f"HTTP {status} {err.get('error', '')}".strip(), sent=True)
-        raise self._refused(err, status=status)
+        if status_code >= 500 and err.get("error") not in _PERMANENT:
+            raise _Retry(f"HTTP {status_code} {err.get('error', '')}".strip(), sent=True)
+        raise self._refused(err, status=status_code)
 
     def _read_max_document_size(self) -> int:
         """The server's `[couchdb] max_document_size`; its default if unset or not readable."""
