@@ -19,7 +19,7 @@ import time
 import types
 import warnings
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from concurrent.futures import wait as wait_futures
 from datetime import UTC, datetime
@@ -32,7 +32,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.schedulers.base import BaseScheduler
 
-from . import _aio
+from . import _aio, _telemetry
 from ._backoff import Backoff
 from ._delivery import Dispatcher
 from ._engine import (
@@ -44,12 +44,13 @@ from ._engine import (
     Action,
     Delivery,
     Engine,
-    dumps,
     encode_data,
     freeze,
 )
-from ._errors import CasernError, InvalidData, ReducerError, UnknownReducer
+from ._errors import CasernError, InvalidData, InvalidQuery, ReducerError, UnknownReducer
 from ._ids import check_id
+from ._json import dumps, encodable
+from ._query import check_path, parse
 from ._types import Listener, Reducer, State, Timer, Upgrade
 from .stores import Store, open_store
 
@@ -94,6 +95,7 @@ class Casern:
         redeliver_after: float = 10.0,
         keep_keys: int = 100,
         cache_size: int = 4096,
+        indexes: Sequence[str] = (),
     ) -> None:
         for what, table in (
             ("preferences", preferences),
@@ -144,11 +146,21 @@ class Casern:
         for name, count in (("keep_keys", keep_keys), ("cache_size", cache_size)):
             if not isinstance(count, int) or count < 0:
                 raise ValueError(f"{name} must be an int >= 0")
+        if isinstance(indexes, str):
+            raise TypeError(f"indexes is a list of field names, such as ({indexes!r},)")
+        index_paths = [check_path(field) for field in indexes]
+        self.indexes: tuple[str, ...] = tuple(dict.fromkeys(indexes))
         self.state_version = state_version
         self.backoff = backoff
         self.tick = tick
         self.redeliver_after = redeliver_after
         self.store: Store = open_store(store) if isinstance(store, str) else store
+        try:
+            self.store.ensure_indexes(list(dict.fromkeys(index_paths)))
+        except BaseException:
+            if isinstance(store, str):
+                self.store.close()
+            raise
         self._engine = Engine(
             self.store,
             self.preferences,
@@ -190,6 +202,7 @@ class Casern:
             "redeliver_after": redeliver_after,
             "keep_keys": keep_keys,
             "cache_size": cache_size,
+            "indexes": self.indexes,
         }
         self._dispatcher.keep_alive(self)
         _open_apps.add(self)
@@ -213,6 +226,16 @@ class Casern:
         self, reducer: str, id: str, data: Any, key: str | None, lead: bool = False
     ) -> Future[Any]:
         """Validate in the caller's thread, then queue; the future gives the state's JSON."""
+        trace = _telemetry.begin_send(reducer, id, reducer in self.reducers)
+        try:
+            action = _telemetry.track(trace, self._check_send(reducer, id, data, key))
+            return self._engine.submit(action, lead=lead)
+        except BaseException as e:
+            _telemetry.refused(trace, e)
+            raise
+
+    def _check_send(self, reducer: str, id: str, data: Any, key: str | None) -> Action:
+        """A send's action, or the error that says what is wrong with its arguments."""
         self._check_open()
         check_id(id)
         if reducer not in self.reducers:
@@ -222,6 +245,8 @@ class Casern:
                 f"key must be a str of at most {MAX_KEY_LENGTH} characters or None,"
                 f" not {type(key).__name__}" + (f" of {len(key)}" if isinstance(key, str) else "")
             )
+        if key is not None and not encodable(key):
+            raise InvalidData(f"key {key!r:.60} holds a lone surrogate, which is not Unicode text")
         data_json = encode_data(reducer, data)
         validator = self._validators.get(reducer)
         if validator is not None:
@@ -230,7 +255,7 @@ class Casern:
                 raise InvalidData(
                     f"data for {reducer!r} is invalid at {error.json_path}: {error.message}"
                 )
-        return self._engine.submit(Action(SEND, id, Future(), reducer, data_json, key), lead=lead)
+        return Action(SEND, id, Future(), reducer, data_json, key)
 
     def _unknown_reducer(self, reducer: str) -> str:
         known = ", ".join(sorted(self.reducers)) or "none"
@@ -277,6 +302,30 @@ class Casern:
         """Stored ids in ascending order (page with `after=` the last id seen)."""
         self._check_open()
         return self.store.ids(prefix=prefix, after=after, limit=limit)
+
+    def find(
+        self, selector: Mapping[str, Any], *, limit: int = 100, after: str | None = None
+    ) -> list[str]:
+        """Ids whose current state matches a Mango-style selector, ascending, after `after`.
+
+        States are matched as stored: one written by an older `state_version`
+        is matched in its old shape until it next changes or `migrate` runs.
+        """
+        self._check_open()
+        query = parse(selector)
+        if not isinstance(limit, int) or isinstance(limit, bool) or limit < 0:
+            raise InvalidQuery(f"limit must be an int >= 0, not {limit!r}")
+        if after is not None and not isinstance(after, str):
+            raise InvalidQuery(f"after is the last id of the previous page (a str), not {after!r}")
+        if limit == 0:
+            return []
+        return self.store.find(query, limit=limit, after=after)
+
+    async def afind(
+        self, selector: Mapping[str, Any], *, limit: int = 100, after: str | None = None
+    ) -> list[str]:
+        """`find` for asyncio (runs the query in a thread)."""
+        return await asyncio.to_thread(self.find, selector, limit=limit, after=after)
 
     def drain(self, timeout: float | None = None) -> bool:
         """Wait until every queued send is committed, every listener has run and
@@ -435,8 +484,12 @@ class Casern:
             # oldest entries are most likely ours, and reading them costs.
             ids = [i for i in self.store.pending(before, 1000) if not self._dispatcher.busy(i)]
             recs = self.store.get_many(ids) if ids else {}
+            # A forked envelope is merged first; its merged outbox is delivered then.
+            forked = [id for id, rec in recs.items() if rec.conflicts]
             wanted: dict[str, frozenset[int]] = {}
             for id, rec in recs.items():
+                if rec.conflicts:
+                    continue
                 seqs = frozenset(
                     e["seq"]
                     for e in rec.doc.get("pending", ())
@@ -449,6 +502,8 @@ class Casern:
                     wanted[id] = seqs
         finally:
             self._dispatcher.unwatch(seen)
+        if forked:
+            self._engine.check(forked)
         if not wanted:
             return
         futures = [

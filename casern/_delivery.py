@@ -28,10 +28,12 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from . import _telemetry
 from ._backoff import Backoff
 from ._change import Change
-from ._engine import Delivery, Engine, dumps
+from ._engine import Delivery, Engine
 from ._errors import CasernError
+from ._json import dumps
 from ._threads import DaemonPool
 from ._types import Listener
 from .stores.base import Doc
@@ -83,6 +85,7 @@ class Dispatcher:
         self._lock = threading.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
         self._incoming: list[Delivery] = []
+        _telemetry.watch_outbox(self)
 
     # -- thread-safe entry points -------------------------------------------------------
 
@@ -113,6 +116,11 @@ class Dispatcher:
         with self._lock:
             incoming, self._incoming = self._incoming, []
         self._accept(incoming)
+
+    def backlog(self) -> int:
+        """Changes handed to this dispatcher whose acknowledgement is not yet written."""
+        with self._idle:
+            return sum(len(seqs) for seqs in self._inflight.values())
 
     def inflight(self, id: str, seq: int) -> bool:
         with self._idle:
@@ -283,13 +291,16 @@ class Dispatcher:
         b = self.backoff
         for attempt in range(1, b.attempts + 1):
             try:
-                await self._call_once(job, name, listener)
+                with _telemetry.listener_span(job.id, job.entry, name):
+                    await self._call_once(job, name, listener)
+                _telemetry.delivered(name, job.entry, "ok")
                 return
             except asyncio.CancelledError:
                 raise
             except Exception as e:
                 error = _describe(e, b.timeout)
                 if attempt == b.attempts:
+                    _telemetry.delivered(name, job.entry, "failed")
                     log.error(
                         "listener %r gave up on %r seq %s after %d attempts: %s",
                         name,
@@ -304,6 +315,7 @@ class Dispatcher:
                     job.failed.append(failed)
                     return
                 delay = b.delay(attempt)
+                _telemetry.delivered(name, job.entry, "retry")
                 log.warning(
                     "listener %r failed on %r seq %s (attempt %d of %d): %s; retrying in %.2fs",
                     name,
@@ -350,7 +362,8 @@ class Dispatcher:
                 await listener(change)
             else:
                 loop = asyncio.get_running_loop()
-                result = await loop.run_in_executor(self._pool, _call_plain, name, listener, change)
+                call = _telemetry.carry(_call_plain)
+                result = await loop.run_in_executor(self._pool, call, name, listener, change)
                 if inspect.isawaitable(result):
                     await result
         # The change counts as delivered only once the sends it queued are durable.
