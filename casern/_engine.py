@@ -18,8 +18,9 @@ import random
 import threading
 import time
 import types
+import uuid
 from collections import OrderedDict, deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence, Set
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -34,33 +35,23 @@ from ._errors import (
     ReducerError,
     UpgradeError,
 )
+from ._json import Refusal, dumps, encodable, to_json
 from ._types import Reducer, Timer, Upgrade
 from .stores.base import Doc, Record, Store, Write
 
 log = logging.getLogger("casern")
 
 SEND, FIRE, ACK, RETRY, MIGRATE, FLUSH = "send", "fire", "ack", "retry", "migrate", "flush"
+CLAIM = "claim"
 MAX_BATCH = 500
 
 
-# One encoder, built once: json.dumps with options builds a new one per call.
-_ENCODE = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
-
-
-def dumps(value: Any) -> str:
-    """Canonical JSON text: compact, unicode kept, NaN refused."""
-    return _ENCODE(value)
-
-
 def encode_data(reducer: str, data: Any) -> str:
-    """`data` as JSON text for `reducer`, or the `InvalidData` that says why it is not JSON."""
+    """`data` as JSON text for `reducer`, or the `InvalidData` that says why casern refuses it."""
     try:
-        text = dumps(data)
-    except (TypeError, ValueError) as e:
-        raise InvalidData(f"data for {reducer!r} is not JSON: {e}") from None
-    if isinstance(data, dict | list) and (bad := non_str_key(data)) is not None:
-        raise InvalidData(f"data for {reducer!r} has a non-str key {bad!r}; JSON keys are strings")
-    return text
+        return to_json(data)[0]
+    except Refusal as e:
+        raise InvalidData(f"data for {reducer!r} {e}") from None
 
 
 def freeze(value: Any) -> Any:
@@ -104,7 +95,7 @@ class Action:
     reducer: str = ""
     data_json: str = "null"
     key: str | None = None
-    seqs: frozenset[int] = frozenset()  # ACK: pending entries delivered
+    seqs: frozenset[int] = frozenset()  # ACK: pending entries delivered; CLAIM: to redeliver
     failed: list[Doc] = field(default_factory=list)  # ACK: deliveries that gave up
     attempts: int = 0
     now: float | None = None  # FIRE: fire what is due by then (never later than the clock)
@@ -141,31 +132,25 @@ def _normalize(value: Any) -> tuple[str, dict[str, Any]]:
             " return the new state, even if unchanged"
         )
     try:
-        text = dumps(value)
-    except (TypeError, ValueError) as e:
-        raise InvalidState(f"the new state is not JSON-serialisable: {e}") from None
-    parsed: dict[str, Any] = json.loads(text)
-    if parsed != value:
-        bad = non_str_key(value)
-        if bad is not None:
-            raise InvalidState(f"the new state has a non-str key {bad!r}; JSON keys are strings")
+        text, parsed = to_json(value)
+    except Refusal as e:
+        raise InvalidState(f"the new state {e}") from None
     return text, parsed
 
 
-def non_str_key(value: Any) -> Any:
-    if isinstance(value, dict):
-        for k, v in value.items():
-            if not isinstance(k, str):
-                return k
-            bad = non_str_key(v)
-            if bad is not None:
-                return bad
-    elif isinstance(value, (list, tuple)):
-        for v in value:
-            bad = non_str_key(v)
-            if bad is not None:
-                return bad
-    return None
+def _storable(failure: Doc) -> Doc:
+    """A failure record whose error text can be stored (an exception message may hold anything)."""
+    error = failure.get("error")
+    if isinstance(error, str) and not encodable(error):
+        return dict(failure, error=error.encode("utf-8", "backslashreplace").decode())
+    return failure
+
+
+def too_large(reducer: str, size: int, limit: int) -> InvalidState:
+    return InvalidState(
+        f"reducer {reducer!r}: the new state is {size:,} bytes of JSON, over this store's"
+        f" document limit of {limit:,} bytes; keep big data elsewhere and store a reference"
+    )
 
 
 class _LRU:
@@ -237,6 +222,10 @@ class Engine:
         self.max_conflicts = max_conflicts
         self.ack_delay = ack_delay
         self.redeliver_after = redeliver_after
+        # Redelivering a stale change first writes a claim into its entry (revision-
+        # checked): other live processes leave it alone for `redeliver_after`, the
+        # grace a fresh commit gets, so two sweeps do not both run one change.
+        self.token = uuid.uuid4().hex
         self.cache = _LRU(cache_size)
         # Everything below is guarded by _lock. Whoever holds the `_leading` flag
         # is the one thread that folds and writes; see `submit`.
@@ -247,6 +236,9 @@ class Engine:
         self._retries: list[tuple[float, int, Action]] = []
         self._tiebreak = 0
         self._acks: OrderedDict[str, tuple[set[int], list[Doc], float]] = OrderedDict()
+        self._sweeping = False  # a flush asked for every deferred ack to be written
+        self._on_exit: list[Callable[[], None]] = []
+        self._exited = False
         self._kick = threading.Event()
         self._here = threading.local()  # .leading: this thread is folding right now
         self._idle = threading.Condition()
@@ -308,28 +300,62 @@ class Engine:
         with self._idle:
             return self._idle.wait_for(lambda: self._outstanding == 0, timeout)
 
-    def flush(self) -> None:
-        """Write every deferred acknowledgement now (and wait for it)."""
-        self.submit(Action(FLUSH, "", Future())).result()
+    def flush(self, timeout: float | None = None) -> bool:
+        """Write every deferred acknowledgement now; True once none is left unwritten.
 
-    def stop(self) -> None:
-        """Commit what is queued, write the deferred acknowledgements, stop the thread."""
+        An acknowledgement that conflicted waits for its retry: True only when
+        that one has landed too (or `timeout` passed first: False).
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                self.submit(Action(FLUSH, "", Future())).result(left)
+            except TimeoutError:
+                return False
+            with self._lock:
+                unwritten = bool(self._acks) or any(a.kind == ACK for _, _, a in self._retries)
+            if not unwritten:
+                return True
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            time.sleep(0.005)  # a conflicting ack retries within milliseconds
+
+    def stop(self, timeout: float | None = None) -> bool:
+        """Commit what is queued, write the deferred acknowledgements, stop the thread.
+
+        False if the thread was still writing after `timeout`: it stops by itself
+        once done, then runs what `then` gave it.
+        """
         thread = self._thread
         if thread is None:
-            return
+            return True
         with self._lock:
             self._stopping = True
         self._kick.set()
-        thread.join()
+        if thread is not threading.current_thread():
+            thread.join(timeout)
+        if thread.is_alive():
+            return False
         with self._lock:
             self._thread = None
             self._stopping = False
+        return True
+
+    def then(self, fn: Callable[[], None]) -> None:
+        """Run `fn` in the committer thread once it has stopped (now, if it has)."""
+        with self._lock:
+            if self._thread is not None and not self._exited:
+                self._on_exit.append(fn)
+                return
+        fn()
 
     # -- the committer ------------------------------------------------------------------
 
     def _start(self) -> None:
         with self._lock:
             if self._thread is None:
+                self._exited = False
                 self._thread = threading.Thread(
                     target=self._run, name="casern-committer", daemon=True
                 )
@@ -353,8 +379,13 @@ class Engine:
             self._lead(None)
             if stopping:
                 with self._lock:
-                    if not (self._queue or self._retries or self._acks):
-                        return
+                    if self._queue or self._retries or self._acks:
+                        continue
+                    on_exit, self._on_exit = self._on_exit, []
+                    self._exited = True
+                for fn in on_exit:
+                    fn()
+                return
 
     def _lead(self, own: Action | None) -> None:
         """Write batches until nothing is left (or, for a sender, its own action is done)."""
@@ -406,12 +437,16 @@ class Engine:
             ids = {a.id for a in batch}
             for id in ids & self._acks.keys():
                 batch.append(self._ack_action(id))
-            sweep = stopping or bool(flushes)
+            # A flush sweeps every deferred ack, batch after batch, not just one batch.
+            self._sweeping = self._sweeping or bool(flushes)
+            sweep = stopping or self._sweeping
             while self._acks and len(batch) < MAX_BATCH:
                 id, (_, _, since) = next(iter(self._acks.items()))
                 if not (sweep or (not ids and now - since >= self.ack_delay)):
                     break  # acks are in arrival order: the rest are younger
                 batch.append(self._ack_action(id))
+            if not self._acks:
+                self._sweeping = False
         return batch, flushes
 
     def _ack_action(self, id: str) -> Action:
@@ -465,10 +500,16 @@ class Engine:
         plans: list[_Plan] = []
         for id, actions in groups.items():
             hit = cached.get(id)
-            if hit is not None:
-                plan = self._fold(id, hit[0], actions, hit[1])
-            else:
-                plan = self._fold(id, fetched.get(id), actions)
+            try:
+                if hit is not None:
+                    plan = self._fold(id, hit[0], actions, hit[1])
+                else:
+                    plan = self._fold(id, fetched.get(id), actions)
+            except Exception as e:  # one id's envelope never fails another id's actions
+                log.exception("casern could not fold the actions of %r", id)
+                self.cache.pop(id)
+                self._fail(actions, CasernError(f"could not apply the actions of {id!r}: {e!r}"))
+                continue
             if plan.doc is not None:
                 plans.append(plan)
             elif id in cached and any(a.kind in (SEND, FIRE) for a in actions):
@@ -479,17 +520,15 @@ class Engine:
                     self._retry_later(a)
             else:
                 self._resolve(plan)
+                if plan.acked:
+                    self.on_acked(plan.id, frozenset(plan.acked))
         if not plans:
             return
+        plans = [p for p in plans if self._flush_log(p)]
         writes = [Write(p.id, p.rev, p.doc or {}, p.history) for p in plans]
         started = time.perf_counter()
         try:
-            for p in plans:
-                # Committed entries, written before the envelope drops them: if
-                # that write then conflicts, rewriting them later is harmless.
-                if p.flush_log:
-                    self.store.put_history(p.id, p.flush_log)
-            revs = self.store.put_many(writes)
+            revs = self.store.put_many(writes) if writes else []
         except CasernError as e:
             for p in plans:
                 self.cache.pop(p.id)
@@ -498,6 +537,10 @@ class Engine:
         _telemetry.commit_duration(time.perf_counter() - started)
         landed: list[_Plan] = []
         for plan, rev in zip(plans, revs, strict=True):
+            if isinstance(rev, CasernError):  # the store refused this one document
+                self.cache.pop(plan.id)
+                self._fail(plan.actions, rev)
+                continue
             if rev is None:
                 self.cache.pop(plan.id)
                 _telemetry.conflict(plan.actions)
@@ -520,6 +563,22 @@ class Engine:
             self._resolve(plan)
             if plan.acked:
                 self.on_acked(plan.id, frozenset(plan.acked))
+
+    def _flush_log(self, plan: _Plan) -> bool:
+        """Write the committed entries the envelope is about to drop; False if that failed.
+
+        Written before the envelope: if that write then conflicts, rewriting
+        them later is harmless.
+        """
+        if not plan.flush_log:
+            return True
+        try:
+            self.store.put_history(plan.id, plan.flush_log)
+        except CasernError as e:
+            self.cache.pop(plan.id)
+            self._fail(plan.actions, e)
+            return False
+        return True
 
     def _fail(self, actions: Sequence[Action], error: CasernError) -> None:
         for a in actions:
@@ -610,6 +669,8 @@ class Engine:
         changed = False  # the state changed: new seq(s)
         meta = False  # something else in the envelope changed
 
+        limit = self.store.max_document_size
+
         def step(name: str, data_json: str, key: str | None, a: Action, now: float) -> None:
             nonlocal state, cur_json, seq, changed
             try:
@@ -625,6 +686,9 @@ class Engine:
                 new_json, new_state = _normalize(new)
             except InvalidState as e:
                 plan.results.append((a, InvalidState(f"reducer {name!r}: {e}")))
+                return
+            if limit is not None and len(new_json) * 4 > limit and len(new_json.encode()) > limit:
+                plan.results.append((a, too_large(name, len(new_json.encode()), limit)))
                 return
             if new_json == cur_json or (new_state == state and same(new_state, state)):
                 plan.results.append((a, cur_json))
@@ -683,11 +747,12 @@ class Engine:
                 plan.results.append((a, cur_json if fired_any else None))
             elif a.kind == ACK:
                 kept = [e for e in pending if e["seq"] not in a.seqs]
-                if len(kept) != len(pending) or a.failed:
-                    meta = True
-                    plan.acked.update(a.seqs)
+                meta = meta or len(kept) != len(pending) or bool(a.failed)
+                # Reported acknowledged even if nothing is left to remove (another
+                # process delivered it): the dispatcher stops tracking it either way.
+                plan.acked.update(a.seqs)
                 pending = kept
-                failed.extend(a.failed)
+                failed.extend(_storable(f) for f in a.failed)
                 plan.results.append((a, None))
             elif a.kind == RETRY:
                 # Failed deliveries go back to the outbox, only for the listeners that failed.
@@ -709,6 +774,11 @@ class Engine:
             elif a.kind == MIGRATE:
                 plan.results.append((a, upgraded))
                 meta = meta or upgraded
+            elif a.kind == CLAIM:
+                claimed = self._claim(id, pending, a.seqs, now)
+                plan.deliveries.extend(claimed)
+                meta = meta or bool(claimed)
+                plan.results.append((a, len(claimed)))
 
         if changed and self.timers:
             try:
@@ -724,12 +794,14 @@ class Engine:
             # Entries left pending by a process that died go first, so this id's
             # listeners still run in seq order (the dispatcher skips those in flight).
             ours = {d.entry["seq"] for d in plan.deliveries}
-            cutoff = time.time() - self.redeliver_after
-            stale = [
-                Delivery(id, e)
+            now = time.time()
+            cutoff = now - self.redeliver_after
+            old = {
+                e["seq"]
                 for e in pending
                 if e["seq"] not in ours and e["seq"] < max(ours) and e["at"] <= cutoff
-            ]
+            }
+            stale = self._claim(id, pending, old, now) if old else []
             plan.deliveries[:0] = sorted(stale, key=lambda d: d.entry["seq"])
         if not (changed or meta or plan.flush_log):
             return plan
@@ -758,6 +830,24 @@ class Engine:
         plan.doc = new_doc
         plan.state_json = cur_json if upgrade_error is None else dumps(new_doc["state"])
         return plan
+
+    def _claim(self, id: str, pending: list[Doc], seqs: Set[int], now: float) -> list[Delivery]:
+        """Claim the entries of `seqs` no other live process holds; replaces them in place.
+
+        A live claim by another process is left alone; the revision check of the
+        write that carries the claims makes one process win a race for the same entry.
+        """
+        claimed: list[Delivery] = []
+        for i, e in enumerate(pending):
+            if e["seq"] not in seqs:
+                continue
+            claim = e.get("claim")
+            if claim is not None and claim["by"] != self.token and claim["until"] > now:
+                continue
+            until = now + (self.redeliver_after or 0.0)
+            pending[i] = e = dict(e, claim={"by": self.token, "until": until})
+            claimed.append(Delivery(id, e))
+        return claimed
 
     def _schedule(self, state_json: str, due: dict[str, float], fired: dict[str, float]) -> None:
         """Recompute due times after a change; a consumed time never fires again."""

@@ -28,6 +28,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from .._errors import CasernError, InvalidState
+from .._query import Query, matches
+
 __all__ = ["Record", "Store", "Write"]
 
 Doc = dict[str, Any]
@@ -69,6 +72,9 @@ class Store(ABC):
     url: str
     #: True if `put_many` writes `Write.history` atomically with the envelope.
     atomic_history: bool = False
+    #: The largest envelope the store holds, in bytes of JSON (None: no limit).
+    #: A state bigger than this is refused with `InvalidState` before any write.
+    max_document_size: int | None = None
 
     @abstractmethod
     def get_many(self, ids: Sequence[str]) -> dict[str, Record]:
@@ -79,12 +85,14 @@ class Store(ABC):
         return self.get_many([id]).get(id)
 
     @abstractmethod
-    def put_many(self, writes: Sequence[Write]) -> list[str | None]:
+    def put_many(self, writes: Sequence[Write]) -> list[str | CasernError | None]:
         """Write each envelope if its revision still matches.
 
-        Returns, in order, the new revision of each write, or None where the
-        revision did not match (a conflict: that write changed nothing). Writes
-        are independent: one conflict does not undo the others.
+        Returns, in order, the new revision of each write, None where the
+        revision did not match (a conflict: that write changed nothing), or
+        the `CasernError` saying why the store refused that one document (too
+        large, not encodable): nothing of it was written. Writes are
+        independent: one conflict or refusal does not undo the others.
         """
 
     @abstractmethod
@@ -111,6 +119,36 @@ class Store(ABC):
     def ids(self, *, prefix: str = "", after: str | None = None, limit: int = 1000) -> list[str]:
         """Stored ids in ascending order, starting with `prefix`, greater than `after`."""
 
+    # -- finding machines by their state (casern/_query.py parses selectors) ----------
+
+    def ensure_indexes(self, fields: Sequence[tuple[str, ...]]) -> None:
+        """Index these state fields (paths of object keys) for `find`, if not yet indexed.
+
+        Must be cheap when the indexes exist: every app calls it when it opens.
+        """
+        return None
+
+    def find(self, query: Query, *, limit: int, after: str | None = None) -> list[str]:
+        """Ids whose stored state matches `query`, ascending by code point, > `after`.
+
+        States are matched as stored (an older `version` in its old shape).
+        This default scans every envelope; stores translate `query` instead.
+        """
+        out: list[str] = []
+        cursor = after
+        while len(out) < limit:
+            page = self.ids(after=cursor, limit=500)
+            if not page:
+                break
+            records = self.get_many(page)
+            out.extend(
+                id
+                for id in page
+                if id in records and matches(query, records[id].doc.get("state", {}))
+            )
+            cursor = page[-1]
+        return sorted(out)[:limit]
+
     def close(self) -> None:
         """Release connections; the store is not used afterwards."""
         return None
@@ -122,6 +160,21 @@ class Store(ABC):
 def index_fields(doc: Doc) -> tuple[float | None, float | None, int]:
     """The indexed fields of an envelope: (next_due, pending_since, nfailed)."""
     return doc.get("next_due"), doc.get("pending_since"), int(doc.get("nfailed") or 0)
+
+
+def refuse_envelope(id: str, problem: str) -> InvalidState:
+    """Why a store cannot hold one envelope; the other writes of the batch go on."""
+    return InvalidState(
+        f"the envelope of {id!r:.80} {problem}: it holds the state and, for each change whose"
+        " listeners have not run yet, that change's prev and state; keep states smaller"
+        " (big data elsewhere, a reference in the state)"
+    )
+
+
+def too_large(id: str, size: int, limit: int, where: str) -> InvalidState:
+    return refuse_envelope(
+        id, f"is about {size:,} bytes of JSON, over the document limit of {where} ({limit:,})"
+    )
 
 
 def chunks(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:

@@ -11,6 +11,8 @@ per `(id, seq)` with a deterministic id, so rewriting one is harmless.
 
 from __future__ import annotations
 
+import bisect
+import hashlib
 import json
 import logging
 import random
@@ -23,9 +25,10 @@ from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 import httpx
 
-from .._errors import StoreUnavailable
+from .._errors import CasernError, InvalidState, StoreUnavailable
 from .._ids import check_id
-from .base import Doc, Record, Store, Write, chunks
+from .._query import RANGES, All, AnyOf, Cond, Query, matches, paths
+from .base import Doc, Record, Store, Write, chunks, too_large
 
 __all__ = ["CouchDBStore"]
 
@@ -37,6 +40,9 @@ TOKEN = "casern_w"
 
 #: Keys per `_all_docs` request and docs per `_bulk_docs` request.
 CHUNK = 500
+
+#: CouchDB 3.x's default `[couchdb] max_document_size`, in bytes.
+DEFAULT_MAX_DOCUMENT_SIZE = 8_000_000
 
 # CouchDB database names: a lowercase letter, then [a-z0-9_$()+/-].
 _DB_NAME = re.compile(r"^[a-z][a-z0-9_$()+/-]*$")
@@ -65,6 +71,70 @@ def _ddoc(field: str) -> str:
     return f"casern-{field}"
 
 
+#: `_find` answers 25 documents unless told otherwise; find wants every match.
+_FIND_ALL = 2**31 - 1
+
+
+def _find_ddoc(path: tuple[str, ...]) -> str:
+    return "casern-find-" + hashlib.sha1(".".join(path).encode()).hexdigest()[:16]
+
+
+def _mango_field(path: tuple[str, ...]) -> str:
+    # Keys hold no "." nor "\\" (refused by _query.check_path): nothing to escape.
+    return ".".join(("state", *path))
+
+
+def _string_ranges(query: Query) -> frozenset[Cond]:
+    """The string range conditions that every answer of `_mango(query)` satisfies."""
+    if isinstance(query, All):
+        return frozenset().union(*map(_string_ranges, query.parts))
+    if isinstance(query, Cond) and query.op in RANGES and isinstance(query.value, str):
+        return frozenset((query,))
+    return frozenset()
+
+
+def _mango(query: Query) -> dict[str, Any]:
+    """A Mango selector matching at least what `casern._query.matches` matches.
+
+    `find` checks every answer again, so this may match more, never less.
+    Mango compares across types by CouchDB's collation (null < false < true <
+    numbers < strings < arrays < objects), so every range gets a second bound
+    that keeps the index range within its type. `{}` is no constraint: what
+    no index can serve (`$ne`, `$nin`, `$exists: false`) is left to the check,
+    also because pouchdb-server answers those from an index of the field,
+    which lacks documents without it (and, for `$nin`, those holding null).
+    """
+    if isinstance(query, All):
+        parts = [p for p in map(_mango, query.parts) if p]
+        return parts[0] if len(parts) == 1 else {"$and": parts} if parts else {}
+    if isinstance(query, AnyOf):
+        parts = [_mango(q) for q in query.parts]
+        return {"$or": parts} if all(parts) else {}
+    op, value = query.op, query.value
+    cond: dict[str, Any]
+    if op in ("ne", "nin") or (op == "exists" and not value):
+        return {}
+    if op == "exists":
+        cond = {"$exists": True}
+    elif op == "in":
+        field = _mango_field(query.path)
+        if None in value:  # Apache CouchDB 3.5 fails (500 function_clause) on $in with null
+            rest = [v for v in value if v is not None]
+            return {"$or": [{field: {"$eq": None}}, *([{field: {"$in": rest}}] if rest else [])]}
+        cond = {"$in": list(value)}
+    elif op == "eq":
+        cond = {"$eq": value}
+    elif isinstance(value, str):  # strings sort above true and numbers, below arrays
+        cond = (
+            {f"${op}": value, "$gte": ""} if op in ("lt", "lte") else {f"${op}": value, "$lt": []}
+        )
+    else:  # numbers sort above true, below strings
+        cond = (
+            {f"${op}": value, "$gt": True} if op in ("lt", "lte") else {f"${op}": value, "$lt": ""}
+        )
+    return {_mango_field(query.path): cond}
+
+
 def _history_id(id: str, seq: int) -> str:
     return f"{id}{_SEP}{seq:0{_SEQ_DIGITS}d}"
 
@@ -77,6 +147,20 @@ def _generation(rev: str) -> int:
 def _clean(doc: Doc) -> Doc:
     """The envelope as the engine wrote it: CouchDB's and our own fields removed."""
     return {k: v for k, v in doc.items() if not k.startswith("_") and k != TOKEN}
+
+
+def _by_id(writes: Sequence[Write], todo: list[int], rows: list[Doc]) -> list[int]:
+    """The write each `_bulk_docs` row answers, in row order.
+
+    pouchdb-server lists refused documents first, so rows are matched by id
+    (in request order among writes to one id), not by position.
+    """
+    slots: dict[str, list[int]] = {}
+    for i in todo:
+        slots.setdefault(writes[i].id, []).append(i)
+    if len(rows) != len(todo):
+        raise StoreUnavailable(f"_bulk_docs answered {len(rows)} rows for {len(todo)} documents")
+    return [slots[row["id"]].pop(0) for row in rows]
 
 
 def _dumps(body: Any) -> bytes:
@@ -97,6 +181,13 @@ class _MissingDB(Exception):
     """The database is gone (deleted, or an in-memory server restarted)."""
 
 
+class _TooLarge(Exception):
+    """CouchDB refused a whole `_bulk_docs` for one document over `max_document_size`."""
+
+    def __init__(self, id: str) -> None:
+        self.id = id
+
+
 class CouchDBStore(Store):
     """Envelopes in a CouchDB database, written with `_bulk_docs`.
 
@@ -104,6 +195,8 @@ class CouchDBStore(Store):
     (and `<dbname>-history`) is created if missing. Every request is retried
     `retries` times with exponential back-off and jitter on transport errors
     and 5xx answers, then raises `StoreUnavailable`. `transport` is for tests.
+    `max_document_size` (bytes) is read from the server's configuration when
+    the user may read it, else CouchDB's default of 8,000,000 applies.
     """
 
     atomic_history = False
@@ -115,6 +208,7 @@ class CouchDBStore(Store):
         timeout: float = 10.0,
         retries: int = 5,
         transport: httpx.BaseTransport | None = None,
+        max_document_size: int | None = None,
     ) -> None:
         parts = urlsplit(url)
         try:
@@ -168,6 +262,10 @@ class CouchDBStore(Store):
             # when no endkey is given: so always send the highest key there is.
             pouch = isinstance(welcome, dict) and "express-pouchdb" in welcome
             self._high = "\uffff" if pouch else "\U0010ffff"
+            if max_document_size is not None:
+                self.max_document_size = max_document_size
+            elif not pouch:  # pouchdb-server has no document limit
+                self.max_document_size = self._read_max_document_size()
             self._create(self._db)
         except BaseException:
             self._client.close()
@@ -187,11 +285,11 @@ class CouchDBStore(Store):
                     found[row["id"]] = Record(row["id"], doc["_rev"], _clean(doc))
         return found
 
-    def put_many(self, writes: Sequence[Write]) -> list[str | None]:
+    def put_many(self, writes: Sequence[Write]) -> list[str | CasernError | None]:
         """One `_bulk_docs` per chunk; a retried chunk never applies a write twice."""
         for w in writes:
             check_id(w.id)  # "_design/x" in _bulk_docs would create a design doc
-        results: list[str | None] = [None] * len(writes)
+        results: list[str | CasernError | None] = [None] * len(writes)
         for start in range(0, len(writes), CHUNK):
             part = writes[start : start + CHUNK]
             results[start : start + len(part)] = self._put_chunk(part)
@@ -278,9 +376,55 @@ class CouchDBStore(Store):
     def close(self) -> None:
         self._client.close()
 
+    # -- find: the store-neutral query as Mango ---------------------------------
+
+    def ensure_indexes(self, fields: Sequence[tuple[str, ...]]) -> None:
+        """One Mango index per state field, posted only if its design document is missing.
+
+        Re-posting an existing index makes pouchdb-server rebuild it.
+        """
+        names = {_find_ddoc(path): path for path in fields}
+        if not names:
+            return
+        have = {
+            r["id"]
+            for r in self._rows(self._db, [f"_design/{n}" for n in names])
+            if isinstance(r.get("doc"), dict)
+        }
+        for name, path in names.items():
+            if f"_design/{name}" not in have:
+                index = {
+                    "index": {"fields": [_mango_field(path)]},
+                    "ddoc": name,
+                    "name": "state",
+                    "type": "json",
+                }
+                self._call("POST", self._db + "/_index", index, db=self._db)
+
+    def find(self, query: Query, *, limit: int, after: str | None = None) -> list[str]:
+        """All matches from `_find`, checked again here, then ordered and paged here.
+
+        Mango returns index order, not id order, so a page costs the selector's
+        matches, not `limit`. Only the fields the query reads come back, and
+        `matches` checks them: pouchdb-server answers a superset for some
+        ranges (`$gt` read as `$gte` on an index). Sorting here gives code
+        point order on pouchdb-server too, whose own order is by UTF-16 unit.
+        """
+        fields = ["_id", *(_mango_field(p) for p in paths(query))]
+        body = {"selector": _mango(query), "fields": fields, "limit": _FIND_ALL}
+        docs = self._call("POST", self._db + "/_find", body, db=self._db)["docs"]
+        # String ranges keep the server's order (ICU collation on Apache CouchDB)
+        # where it applied them to every answer: the conditions of the top `$and`.
+        pouch = self._high == "\uffff"
+        decided = frozenset() if pouch else _string_ranges(query)
+        ids = sorted(d["_id"] for d in docs if matches(query, d.get("state", {}), decided))
+        if after is not None:
+            ids = ids[bisect.bisect_right(ids, after) :]
+        return ids[:limit]
+
     # -- writes ---------------------------------------------------------------
 
-    def _put_chunk(self, writes: Sequence[Write]) -> list[str | None]:
+    def _put_chunk(self, writes: Sequence[Write]) -> list[str | CasernError | None]:
         """Send one `_bulk_docs`, retrying only writes that provably did not land.
 
         After a transport error or 5xx the request may or may not have been
@@ -289,8 +433,21 @@ class CouchDBStore(Store):
         right after the one we wrote against) is our write, landed.
         """
         tokens = [secrets.token_hex(8) for _ in writes]
-        results: list[str | None] = [None] * len(writes)
-        todo = list(range(len(writes)))
+        results: list[str | CasernError | None] = [None] * len(writes)
+        # Each document encoded (and measured) alone: one that cannot be sent
+        # is refused by itself, the others still go.
+        encoded: dict[int, bytes] = {}
+        for i, w in enumerate(writes):
+            body = {**_clean(w.doc), TOKEN: tokens[i], "_id": w.id}
+            if w.rev is not None:
+                body["_rev"] = w.rev
+            try:
+                encoded[i] = self._encode_doc(w.id, body)
+            except InvalidState as e:
+                results[i] = e
+        todo = list(encoded)
+        if not todo:
+            return results
         check = False
         failure = ""
         for attempt in range(self._retries + 1):
@@ -302,14 +459,16 @@ class CouchDBStore(Store):
                     check = False
                     if not todo:
                         return results
-                docs = []
-                for i in todo:
-                    w = writes[i]
-                    body = {**_clean(w.doc), TOKEN: tokens[i], "_id": w.id}
-                    if w.rev is not None:
-                        body["_rev"] = w.rev
-                    docs.append(body)
-                rows = self._once("POST", self._db + "/_bulk_docs", {"docs": docs})
+                docs = b'{"docs":[' + b",".join(encoded[i] for i in todo) + b"]}"
+                rows = self._once("POST", self._db + "/_bulk_docs", docs)
+            except _TooLarge as exc:  # CouchDB measured more than we did: refuse that one
+                named = [i for i in todo if writes[i].id == exc.id] or todo
+                for i in named:
+                    results[i] = self._too_large(writes[i].id, len(encoded[i]))
+                todo = [i for i in todo if i not in named]
+                if not todo:
+                    return results
+                continue
             except _Retry as exc:
                 failure, check = exc.what, check or exc.sent
                 continue
@@ -317,14 +476,11 @@ class CouchDBStore(Store):
                 self._create(self._db)
                 failure = "the database was missing and has been created again"
                 continue
-            errors = []
-            for i, row in zip(todo, rows, strict=True):
+            for i, row in zip(_by_id(writes, todo, rows), rows, strict=True):
                 if "error" not in row:
                     results[i] = row["rev"]
-                elif row["error"] != "conflict":
-                    errors.append(row)
-            if errors:
-                raise self._refused(errors[0], more=len(errors) - 1)
+                elif row["error"] != "conflict":  # about this document only (a validation)
+                    results[i] = InvalidState(str(self._refused(row)))
             return results
         raise self._unavailable(failure)
 
@@ -333,7 +489,7 @@ class CouchDBStore(Store):
         writes: Sequence[Write],
         tokens: list[str],
         todo: list[int],
-        results: list[str | None],
+        results: list[str | CasernError | None],
     ) -> list[int]:
         """Settle writes that landed (their rev into `results`); return the rest."""
         current = {}
@@ -360,7 +516,7 @@ class CouchDBStore(Store):
         writes: Sequence[Write],
         tokens: list[str],
         unsure: list[int],
-        results: list[str | None],
+        results: list[str | CasernError | None],
     ) -> None:
         """Decide writes whose doc moved on: did ours land first, then get overwritten?
 
@@ -509,7 +665,7 @@ class CouchDBStore(Store):
             resp = self._client.request(
                 method,
                 path,
-                content=None if body is None else _dumps(body),
+                content=body if body is None or isinstance(body, bytes) else _dumps(body),
                 params=params,
             )
         except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
@@ -533,9 +689,34 @@ class CouchDBStore(Store):
             # Every path we use is a database endpoint: 404 means no database
             # (CouchDB: "Database does not exist.", pouchdb-server: "no_db_file").
             raise _MissingDB()
+        if status == 413 and err.get("error") == "document_too_large":
+            raise _TooLarge(str(err.get("reason", "")))
         if status >= 500 and err.get("error") not in _PERMANENT:
             raise _Retry(f"HTTP {status} {err.get('error', '')}".strip(), sent=True)
         raise self._refused(err, status=status)
+
+    def _read_max_document_size(self) -> int:
+        """The server's `[couchdb] max_document_size`; its default if unset or not readable."""
+        try:
+            resp = self._client.get("/_node/_local/_config/couchdb/max_document_size")
+            if resp.status_code == 200:
+                return int(resp.json())
+        except (httpx.HTTPError, ValueError, TypeError):
+            pass
+        return DEFAULT_MAX_DOCUMENT_SIZE
+
+    def _encode_doc(self, id: str, body: Doc) -> bytes:
+        """One document as UTF-8 JSON, or `InvalidState` if it cannot be sent or is too big."""
+        try:
+            data = _dumps(body)
+        except (TypeError, ValueError, RecursionError) as e:  # UnicodeEncodeError is a ValueError
+            raise InvalidState(f"the envelope of {id!r:.80} cannot be stored: {e}") from None
+        if self.max_document_size is not None and len(data) > self.max_document_size:
+            raise self._too_large(id, len(data))
+        return data
+
+    def _too_large(self, id: str, size: int) -> InvalidState:
+        return too_large(id, size, self.max_document_size or 0, f"CouchDB at {self.url}")
 
     def _pause(self, attempt: int, failure: str) -> None:
         delay = min(5.0, 0.1 * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
