@@ -27,7 +27,7 @@ import functools
 import time
 import weakref
 from collections.abc import Callable, Iterable, Mapping
-from concurrent.futures import Future
+from concurrent.futures import CancelledError, Future
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from opentelemetry import context as otel_context
@@ -305,7 +305,7 @@ def fired(action: Action, id: str, reducer: str, due: float, now: float) -> None
 def _answered(send: Send, future: Future[Any]) -> None:
     """Report a send or a firing once the committer answered it."""
     t = send.t
-    error = future.exception()
+    error = CancelledError() if future.cancelled() else future.exception()
     if send.timers:
         for span, reducer, lag, seq in send.timers:
             t.timers_fired.add(1, {"reducer": reducer})
