@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import difflib
 import json
 import logging
 import threading
@@ -238,8 +239,7 @@ class Casern:
         self._check_open()
         check_id(id)
         if reducer not in self.reducers:
-            known = ", ".join(sorted(self.reducers)) or "none"
-            raise UnknownReducer(f"no reducer named {reducer!r} (known: {known})")
+            raise UnknownReducer(self._unknown_reducer(reducer))
         if key is not None and (not isinstance(key, str) or len(key) > MAX_KEY_LENGTH):
             raise InvalidData(
                 f"key must be a str of at most {MAX_KEY_LENGTH} characters or None,"
@@ -256,6 +256,21 @@ class Casern:
                     f"data for {reducer!r} is invalid at {error.json_path}: {error.message}"
                 )
         return Action(SEND, id, Future(), reducer, data_json, key)
+
+    def _unknown_reducer(self, reducer: str) -> str:
+        known = ", ".join(sorted(self.reducers)) or "none"
+        message = f"no reducer named {reducer!r} (known: {known})"
+        close = difflib.get_close_matches(str(reducer), self.reducers, n=1)
+        if close:
+            return f"{message}; did you mean {close[0]!r}?"
+        for slot, table in (("preferences", self.preferences), ("services", self.services)):
+            if callable(table.get(reducer)):
+                return (
+                    f"{message}; {reducer!r} is in {slot}: the positional order is"
+                    " Casern(store, preferences, services, reducers, listeners), or pass"
+                    " reducers={...} by keyword"
+                )
+        return message
 
     def send(self, reducer: str, id: str, data: Any = None, *, key: str | None = None) -> State:
         """Apply `reducer` to machine `id`; return the committed state once durable."""

@@ -16,8 +16,10 @@ import hashlib
 import inspect
 import json
 import logging
+import os
 import threading
 import time
+import traceback
 import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
@@ -296,10 +298,7 @@ class Dispatcher:
             except asyncio.CancelledError:
                 raise
             except Exception as e:
-                if isinstance(e, TimeoutError):
-                    error = f"TimeoutError: ran longer than Backoff.timeout={b.timeout}s"
-                else:
-                    error = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+                error = _describe(e, b.timeout)
                 if attempt == b.attempts:
                     _telemetry.delivered(name, job.entry, "failed")
                     log.error(
@@ -309,6 +308,7 @@ class Dispatcher:
                         job.entry["seq"],
                         attempt,
                         error,
+                        exc_info=e,
                     )
                     failed = {k: v for k, v in job.entry.items() if k not in ("listeners", "claim")}
                     failed.update(listener=name, error=error, attempts=attempt)
@@ -369,6 +369,18 @@ class Dispatcher:
         # The change counts as delivered only once the sends it queued are durable.
         for fut in sent:
             await asyncio.wrap_future(fut)
+
+
+def _describe(e: BaseException, timeout: float) -> str:
+    """The exception's type and message, and where it was raised (for `failed()`)."""
+    if isinstance(e, TimeoutError) and not str(e):
+        return f"TimeoutError: ran longer than Backoff.timeout={timeout}s"
+    text = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+    frames = traceback.extract_tb(e.__traceback__)
+    if frames:
+        last = frames[-1]
+        text += f" (at {os.path.basename(last.filename)}:{last.lineno} in {last.name})"
+    return text
 
 
 def _call_plain(name: str, listener: Listener, change: Change) -> Any:

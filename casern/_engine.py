@@ -46,6 +46,7 @@ SEND, FIRE, ACK, RETRY, MIGRATE, FLUSH = "send", "fire", "ack", "retry", "migrat
 CLAIM = "claim"
 CHECK = "check"  # re-read an id that may have forked: merge, or hand over held changes
 MAX_BATCH = 500
+YEAR_5000 = datetime(5000, 1, 1, tzinfo=UTC).timestamp()  # due times beyond: milliseconds
 
 
 def encode_data(reducer: str, data: Any) -> str:
@@ -472,16 +473,19 @@ class Engine:
             if not self._acks:
                 return batch, flushes
             # Acknowledgements ride along with the next write of their id, or go
-            # out in a sweep once things are quiet for `ack_delay` (or on flush).
+            # out in a sweep once `ack_delay` old (or on flush): under steady load
+            # too, else they pile up, and the outbox with them.
             ids = {a.id for a in batch}
             for id in ids & self._acks.keys():
                 batch.append(self._ack_action(id))
             # A flush sweeps every deferred ack, batch after batch, not just one batch.
             self._sweeping = self._sweeping or bool(flushes)
             sweep = stopping or self._sweeping
-            while self._acks and len(batch) < MAX_BATCH:
+            room = MAX_BATCH  # beside the sends: a full queue must not starve the acks
+            while self._acks and room > 0:
+                room -= 1
                 id, (_, _, since) = next(iter(self._acks.items()))
-                if not (sweep or (not ids and now - since >= self.ack_delay)):
+                if not (sweep or now - since >= self.ack_delay):
                     break  # acks are in arrival order: the rest are younger
                 batch.append(self._ack_action(id))
             if not self._acks:
@@ -997,6 +1001,12 @@ class Engine:
                     f"timers function {name!r} returned {at!r}; return epoch seconds or None"
                 )
             at = float(at)
+            if at > YEAR_5000:
+                raise ReducerError(
+                    f"timers function {name!r} returned {at!r}, a time after the year 5000:"
+                    " that looks like milliseconds (a JavaScript habit); return epoch seconds,"
+                    " e.g. time.time() + 60"
+                )
             if fired.get(name) == at:
                 due.pop(name, None)
                 continue

@@ -125,3 +125,22 @@ def test_an_app_collected_unclosed_warns_and_lets_its_threads_go(store_url: str)
 
 def _inc(preferences: Any, state: dict[str, Any], data: Any) -> dict[str, Any]:
     return {"n": state.get("n", 0) + 1}
+
+
+def test_a_listener_that_gives_up_is_logged_at_error_with_its_traceback(
+    make_app: Callable[..., casern.Casern], caplog: pytest.LogCaptureFixture
+) -> None:
+    def reply(change: casern.Change) -> None:
+        chat = dict(change.state)
+        chat["chat_id"]  # the KeyError a user sees: a field the state lacks
+
+    app = make_app(listeners={"reply": reply}, backoff=casern.Backoff(attempts=1))
+    with caplog.at_level("ERROR", logger="casern"):
+        app.send("inc", "a")
+        assert app.drain(timeout=10)
+    [record] = [r for r in caplog.records if "gave up" in r.getMessage()]
+    assert record.levelname == "ERROR" and record.exc_info is not None
+    assert 'chat["chat_id"]' in caplog.text  # the traceback names the line
+    [failure] = app.failed()
+    assert failure["error"].startswith("KeyError: 'chat_id' (at test_lifetime.py:")
+    assert failure["error"].endswith(" in reply)")

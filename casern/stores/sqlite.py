@@ -14,6 +14,7 @@ import json
 import os
 import random
 import sqlite3
+import tempfile
 import threading
 import time
 import weakref
@@ -74,8 +75,10 @@ class SQLiteStore(Store):
         max_document_size: int | None = None,
     ) -> None:
         parts = urlsplit(url)
-        if parts.scheme != "sqlite":
-            raise ValueError(f"not an sqlite URL: {url!r}; use sqlite:///relative.db")
+        if parts.scheme != "sqlite" or not url[len("sqlite:") :].startswith("//"):
+            raise ValueError(
+                f"not an sqlite URL: {url!r}; use sqlite:///relative.db or sqlite:////abs.db"
+            )
         # sqlite:///rel.db -> path "/rel.db" (relative), sqlite:////abs.db -> "//abs.db".
         path = unquote(parts.path)
         if parts.netloc:
@@ -121,6 +124,13 @@ class SQLiteStore(Store):
             self._db.execute(f"PRAGMA synchronous={synchronous.upper()}")
             self._retry(self._create_schema)
         except sqlite3.Error as e:
+            folder = os.path.dirname(os.path.abspath(self.path))
+            if self.path != ":memory:" and not _writable(folder):
+                raise StoreUnavailable(
+                    f"cannot open {url}: the folder {folder} is not writable (SQLite keeps"
+                    " the database and its -wal and -shm files there); pick a writable"
+                    " folder or change its permissions"
+                ) from e
             raise StoreUnavailable(f"cannot open {url}: {e}") from e
 
     def _create_schema(self) -> None:
@@ -465,3 +475,12 @@ class _Reader:
 
     def __del__(self) -> None:
         self.db.close()
+
+
+def _writable(directory: str) -> bool:
+    """Whether a file can be created in `directory` (os.access says yes to root everywhere)."""
+    try:
+        with tempfile.TemporaryFile(dir=directory):
+            return True
+    except OSError:
+        return False
