@@ -463,6 +463,8 @@ class Casern:
         if fired:
             log.info("fired the due timers of %d machine(s)", fired)
         self._recover(now)
+        # Forks nobody is writing (a node that caught up, replication): merged now.
+        self._engine.check(self.store.forked(limit))
         return fired
 
     def _recover(self, now: float) -> None:

@@ -71,6 +71,11 @@ _PERMANENT = {"doc_validation", "bad_request", "forbidden", "unauthorized", "too
 # The Mango indexes that keep timers and recovery O(due), not O(machines).
 _INDEXES = ("next_due", "pending_since", "nfailed")
 
+# A view of the ids that have sibling revisions (on a cluster): its size is the
+# number of forks, so a sweep over it costs O(forks), not O(machines).
+_FORKS = "casern-forks"
+_FORKS_MAP = "function (doc) { if (doc._conflicts) { emit(null, null); } }"
+
 # A lower bound below every epoch time. pouchdb-server matches documents
 # *without* the field for a bare `$lte`, so every range query is bounded on
 # both sides; the bound also excludes null.
@@ -298,6 +303,7 @@ class CouchDBStore(Store):
         self._db = "/" + quote(dbname, safe="")
         self._hdb = "/" + quote(dbname + "-history", safe="")
         self._retries = max(0, retries)
+        self._forks_view = False
         # Writes a cluster acknowledged with 202 (not every replica has them yet).
         self._partial: set[tuple[str, str]] = set()
         self._partial_lock = threading.Lock()
@@ -361,6 +367,19 @@ class CouchDBStore(Store):
                     live.sort(key=lambda d: (_generation(d["_rev"]), d["_rev"]), reverse=True)
                     out[res["id"]] = [_record(res["id"], d) for d in live]
         return out
+
+    def forked(self, limit: int) -> list[str]:
+        """A view over `_conflicts` (created on first use): the ids with sibling revisions."""
+        if not self.may_fork or limit <= 0:
+            return []
+        ddoc = f"{self._db}/_design/{_FORKS}"
+        if not self._forks_view:
+            view = {"views": {"ids": {"map": _FORKS_MAP}}}
+            self._call("PUT", ddoc, view, expect=(409,), db=self._db)  # 409: there already
+            self._forks_view = True
+        params = {"limit": str(limit)}
+        rows = self._call("GET", ddoc + "/_view/ids", params=params, db=self._db)["rows"]
+        return [row["id"] for row in rows]
 
     def confirm(self, landed: Mapping[str, str]) -> set[str]:
         """Re-read every id from all `n` replicas (`r=n`, `conflicts=true`).
