@@ -16,7 +16,7 @@
   function busy() {
     var el = document.activeElement;
     return document.hidden || String(window.getSelection()) !== "" ||
-      (el && (el.tagName === "INPUT" || el.tagName === "TEXTAREA"));
+      (el && (el.tagName === "TEXTAREA" || (el.tagName === "INPUT" && el.type !== "checkbox")));
   }
 
   function refresh() {
