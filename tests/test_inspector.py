@@ -475,3 +475,50 @@ def test_a_factory_is_called_per_request(make_app: Callable[..., casern.Casern])
     )
     holder["app"] = app  # built after the mount, like a FastAPI lifespan app
     assert w.get("/api/machines").json() == {"ids": ["lazy"]}
+
+
+# -- the examples mount it ---------------------------------------------------------------
+
+
+@pytest.fixture
+def repo_importable(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent))
+
+
+def test_the_flask_example_mounts_the_inspector_at_inspector(
+    repo_importable: None, store_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from examples import conversations
+    from examples.flask_app import create_app
+
+    monkeypatch.setenv("INSPECTOR_TOKEN", TOKEN)
+    with conversations.make_app(store_url) as machines:
+        client = create_app(machines).test_client()
+        machines.send("message", "c/1", {"text": "hello", "now": 1.0})
+        auth = {"Authorization": f"Bearer {TOKEN}"}
+        assert client.get("/inspector/api/machines").status_code == 401
+        assert client.get("/inspector/api/machines", headers=auth).get_json() == {"ids": ["c/1"]}
+        state = client.get("/inspector/api/machines/c%2F1", headers=auth).get_json()["state"]
+        assert "hello" in json.dumps(state)
+        page = client.get("/inspector/machines/c%2F1", headers=auth)
+        assert page.status_code == 200 and 'href="/inspector/static/inspector.css' in page.text
+
+
+@pytest.mark.filterwarnings("ignore:Using `httpx`")
+def test_the_fastapi_example_mounts_the_inspector_at_inspector(
+    repo_importable: None, store_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fastapi.testclient import TestClient
+
+    from examples import conversations
+    from examples.fastapi_app import create_api
+
+    monkeypatch.delenv("INSPECTOR_TOKEN", raising=False)
+    with TestClient(create_api(lambda: conversations.make_app(store_url))) as client:
+        assert client.post("/conversations/c-1/messages", json={"text": "hi"}).status_code == 200
+        assert client.get("/inspector/api/machines").json() == {"ids": ["c-1"]}
+        page = client.get("/inspector/machines/c-1")
+        assert page.status_code == 200 and "c-1" in page.text
+        assert client.get("/inspector/failed").status_code == 200
