@@ -14,7 +14,7 @@ import json
 import logging
 import time
 import types
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from concurrent.futures import wait as wait_futures
 from datetime import UTC, datetime
@@ -40,8 +40,16 @@ from ._engine import (
     encode_data,
     freeze,
 )
-from ._errors import CasernError, InvalidData, ReducerError, UnknownReducer, UpgradeError
+from ._errors import (
+    CasernError,
+    InvalidData,
+    InvalidQuery,
+    ReducerError,
+    UnknownReducer,
+    UpgradeError,
+)
 from ._ids import check_id
+from ._query import check_path, parse
 from ._types import Listener, Reducer, State, Timer, Upgrade
 from .stores import Store, open_store
 
@@ -79,6 +87,7 @@ class Casern:
         redeliver_after: float = 10.0,
         keep_keys: int = 100,
         cache_size: int = 4096,
+        indexes: Sequence[str] = (),
     ) -> None:
         for what, table in (
             ("preferences", preferences),
@@ -129,11 +138,21 @@ class Casern:
         for name, count in (("keep_keys", keep_keys), ("cache_size", cache_size)):
             if not isinstance(count, int) or count < 0:
                 raise ValueError(f"{name} must be an int >= 0")
+        if isinstance(indexes, str):
+            raise TypeError(f"indexes is a list of field names, such as ({indexes!r},)")
+        index_paths = [check_path(field) for field in indexes]
+        self.indexes: tuple[str, ...] = tuple(dict.fromkeys(indexes))
         self.state_version = state_version
         self.backoff = backoff
         self.tick = tick
         self.redeliver_after = redeliver_after
         self.store: Store = open_store(store) if isinstance(store, str) else store
+        try:
+            self.store.ensure_indexes(list(dict.fromkeys(index_paths)))
+        except BaseException:
+            if isinstance(store, str):
+                self.store.close()
+            raise
         self._engine = Engine(
             self.store,
             self.preferences,
@@ -171,6 +190,7 @@ class Casern:
             "redeliver_after": redeliver_after,
             "keep_keys": keep_keys,
             "cache_size": cache_size,
+            "indexes": self.indexes,
         }
 
     def _check_open(self) -> None:
@@ -242,6 +262,30 @@ class Casern:
         """Stored ids in ascending order (page with `after=` the last id seen)."""
         self._check_open()
         return self.store.ids(prefix=prefix, after=after, limit=limit)
+
+    def find(
+        self, selector: Mapping[str, Any], *, limit: int = 100, after: str | None = None
+    ) -> list[str]:
+        """Ids whose current state matches a Mango-style selector, ascending, after `after`.
+
+        States are matched as stored: one written by an older `state_version`
+        is matched in its old shape until it next changes or `migrate` runs.
+        """
+        self._check_open()
+        query = parse(selector)
+        if not isinstance(limit, int) or isinstance(limit, bool) or limit < 0:
+            raise InvalidQuery(f"limit must be an int >= 0, not {limit!r}")
+        if after is not None and not isinstance(after, str):
+            raise InvalidQuery(f"after is the last id of the previous page (a str), not {after!r}")
+        if limit == 0:
+            return []
+        return self.store.find(query, limit=limit, after=after)
+
+    async def afind(
+        self, selector: Mapping[str, Any], *, limit: int = 100, after: str | None = None
+    ) -> list[str]:
+        """`find` for asyncio (runs the query in a thread)."""
+        return await asyncio.to_thread(self.find, selector, limit=limit, after=after)
 
     def drain(self, timeout: float | None = None) -> bool:
         """Wait until every queued send is committed and every listener has run.

@@ -171,6 +171,26 @@ def test_machines_page_pages_with_a_next_link(web: Callable[..., Web]) -> None:
     assert filtered.text.count('href="/inspector/machines/m-01') == 10
 
 
+def test_machines_are_found_by_a_selector_and_paged(
+    web: Callable[..., Web], make_app: Callable[..., casern.Casern]
+) -> None:
+    app = make_app({"set": status_reducer}, indexes=("status",))
+    w = web(app)
+    for i in range(6):
+        app.send("set", f"t-{i}", {"status": "open" if i % 2 else "closed", "team": "a"})
+    selector = quote(json.dumps({"status": "open"}))
+    assert w.get(f"/api/machines?selector={selector}").json() == {"ids": ["t-1", "t-3", "t-5"]}
+    assert w.get(f"/api/machines?selector={selector}&limit=1&after=t-1").json() == {"ids": ["t-3"]}
+    page = w.get(f"/?selector={selector}")
+    assert page.status == 200
+    assert page.text.count('href="/inspector/machines/t-') == 3
+    assert 'href="/inspector/machines/t-0"' not in page.text
+    bad = w.get("/api/machines?selector=" + quote('{"status": {"$regex": "o"}}'))
+    assert bad.status == 400 and "$regex" in bad.json()["error"]
+    bad_page = w.get("/?selector=" + quote('{"status": {"$regex": "o"}}'))
+    assert bad_page.status == 400 and "$regex" in bad_page.text
+
+
 def test_a_selector_that_is_not_json_is_refused_with_a_hint(web: Callable[..., Web]) -> None:
     w = web()
     reply = w.get("/api/machines?selector=" + quote("{status: open"))

@@ -129,6 +129,7 @@ def test_a_person_filters_opens_a_machine_reads_the_diff_and_retries(
         {"message": conversation, "wake": wake},
         {"email": mailer},
         timers={"wake": lambda prefs, s: 4_000_000_000.0 if s.get("status") == "open" else None},
+        indexes=("status",),
     )
     for i in range(30):
         app.send("message", f"conv-{i:04d}", {"text": "Hello, where is my order?"})
@@ -136,6 +137,7 @@ def test_a_person_filters_opens_a_machine_reads_the_diff_and_retries(
         app.send("message", f"order-{i}", {"text": "paid"})
     app.send("message", "conv-0007", {"text": "Still waiting…", "status": "waiting"})
     app.send("message", "conv-0007", {"text": "Anyone there?", "status": "open"})
+    app.send("message", "conv-0012", {"text": "Thanks, bye", "status": "closed"})
     evil = "<script>window.__pwned = 1</script><img src=x onerror='window.__pwned = 2'>"
     app.send("message", "order-<b>evil</b>", {"text": evil})
     app.drain()
@@ -155,6 +157,13 @@ def test_a_person_filters_opens_a_machine_reads_the_diff_and_retries(
     assert links.count() == 10
     assert links.all_inner_texts() == [f"conv-{i:04d}" for i in range(10)]
     page.screenshot(path=str(folder / "inspector-machines.png"), full_page=True)
+
+    page.fill("input[name=prefix]", "")
+    page.fill("input[name=selector]", '{"status": "closed"}')
+    with page.expect_navigation():
+        page.press("input[name=selector]", "Enter")
+    assert page.locator("#ids a").all_inner_texts() == ["conv-0012"]
+    page.goto(base + "/?prefix=conv-000")
 
     with page.expect_navigation():
         page.get_by_role("link", name="conv-0007", exact=True).click()

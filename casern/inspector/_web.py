@@ -227,10 +227,7 @@ class Inspector:
             raise ValueError(f'the selector is not JSON ({e}); try {{"status": "open"}}') from None
         if not isinstance(query, dict):
             raise ValueError('a selector is a JSON object, like {"status": "open"}')
-        find: Callable[..., list[str]] | None = getattr(self.app, "find", None)
-        if find is None:
-            raise ValueError("this version of casern has no find(); filter by prefix")
-        return find(query, limit=limit, after=after)
+        return self.app.find(query, limit=limit, after=after)
 
     def machine(self, id: str) -> dict[str, Any]:
         info = self.app.inspect(id)

@@ -28,6 +28,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from .._query import Query, matches
+
 __all__ = ["Record", "Store", "Write"]
 
 Doc = dict[str, Any]
@@ -110,6 +112,36 @@ class Store(ABC):
     @abstractmethod
     def ids(self, *, prefix: str = "", after: str | None = None, limit: int = 1000) -> list[str]:
         """Stored ids in ascending order, starting with `prefix`, greater than `after`."""
+
+    # -- finding machines by their state (casern/_query.py parses selectors) ----------
+
+    def ensure_indexes(self, fields: Sequence[tuple[str, ...]]) -> None:
+        """Index these state fields (paths of object keys) for `find`, if not yet indexed.
+
+        Must be cheap when the indexes exist: every app calls it when it opens.
+        """
+        return None
+
+    def find(self, query: Query, *, limit: int, after: str | None = None) -> list[str]:
+        """Ids whose stored state matches `query`, ascending by code point, > `after`.
+
+        States are matched as stored (an older `version` in its old shape).
+        This default scans every envelope; stores translate `query` instead.
+        """
+        out: list[str] = []
+        cursor = after
+        while len(out) < limit:
+            page = self.ids(after=cursor, limit=500)
+            if not page:
+                break
+            records = self.get_many(page)
+            out.extend(
+                id
+                for id in page
+                if id in records and matches(query, records[id].doc.get("state", {}))
+            )
+            cursor = page[-1]
+        return sorted(out)[:limit]
 
     def close(self) -> None:
         """Release connections; the store is not used afterwards."""

@@ -11,6 +11,8 @@ per `(id, seq)` with a deterministic id, so rewriting one is harmless.
 
 from __future__ import annotations
 
+import bisect
+import hashlib
 import json
 import logging
 import random
@@ -25,6 +27,7 @@ import httpx
 
 from .._errors import StoreUnavailable
 from .._ids import check_id
+from .._query import RANGES, All, AnyOf, Cond, Query, matches, paths
 from .base import Doc, Record, Store, Write, chunks
 
 __all__ = ["CouchDBStore"]
@@ -63,6 +66,70 @@ _MIN_NUMBER = -1e308
 
 def _ddoc(field: str) -> str:
     return f"casern-{field}"
+
+
+#: `_find` answers 25 documents unless told otherwise; find wants every match.
+_FIND_ALL = 2**31 - 1
+
+
+def _find_ddoc(path: tuple[str, ...]) -> str:
+    return "casern-find-" + hashlib.sha1(".".join(path).encode()).hexdigest()[:16]
+
+
+def _mango_field(path: tuple[str, ...]) -> str:
+    # Keys hold no "." nor "\\" (refused by _query.check_path): nothing to escape.
+    return ".".join(("state", *path))
+
+
+def _string_ranges(query: Query) -> frozenset[Cond]:
+    """The string range conditions that every answer of `_mango(query)` satisfies."""
+    if isinstance(query, All):
+        return frozenset().union(*map(_string_ranges, query.parts))
+    if isinstance(query, Cond) and query.op in RANGES and isinstance(query.value, str):
+        return frozenset((query,))
+    return frozenset()
+
+
+def _mango(query: Query) -> dict[str, Any]:
+    """A Mango selector matching at least what `casern._query.matches` matches.
+
+    `find` checks every answer again, so this may match more, never less.
+    Mango compares across types by CouchDB's collation (null < false < true <
+    numbers < strings < arrays < objects), so every range gets a second bound
+    that keeps the index range within its type. `{}` is no constraint: what
+    no index can serve (`$ne`, `$nin`, `$exists: false`) is left to the check,
+    also because pouchdb-server answers those from an index of the field,
+    which lacks documents without it (and, for `$nin`, those holding null).
+    """
+    if isinstance(query, All):
+        parts = [p for p in map(_mango, query.parts) if p]
+        return parts[0] if len(parts) == 1 else {"$and": parts} if parts else {}
+    if isinstance(query, AnyOf):
+        parts = [_mango(q) for q in query.parts]
+        return {"$or": parts} if all(parts) else {}
+    op, value = query.op, query.value
+    cond: dict[str, Any]
+    if op in ("ne", "nin") or (op == "exists" and not value):
+        return {}
+    if op == "exists":
+        cond = {"$exists": True}
+    elif op == "in":
+        field = _mango_field(query.path)
+        if None in value:  # Apache CouchDB 3.5 fails (500 function_clause) on $in with null
+            rest = [v for v in value if v is not None]
+            return {"$or": [{field: {"$eq": None}}, *([{field: {"$in": rest}}] if rest else [])]}
+        cond = {"$in": list(value)}
+    elif op == "eq":
+        cond = {"$eq": value}
+    elif isinstance(value, str):  # strings sort above true and numbers, below arrays
+        cond = (
+            {f"${op}": value, "$gte": ""} if op in ("lt", "lte") else {f"${op}": value, "$lt": []}
+        )
+    else:  # numbers sort above true, below strings
+        cond = (
+            {f"${op}": value, "$gt": True} if op in ("lt", "lte") else {f"${op}": value, "$lt": ""}
+        )
+    return {_mango_field(query.path): cond}
 
 
 def _history_id(id: str, seq: int) -> str:
@@ -277,6 +344,52 @@ class CouchDBStore(Store):
 
     def close(self) -> None:
         self._client.close()
+
+    # -- find: the store-neutral query as Mango ---------------------------------
+
+    def ensure_indexes(self, fields: Sequence[tuple[str, ...]]) -> None:
+        """One Mango index per state field, posted only if its design document is missing.
+
+        Re-posting an existing index makes pouchdb-server rebuild it.
+        """
+        names = {_find_ddoc(path): path for path in fields}
+        if not names:
+            return
+        have = {
+            r["id"]
+            for r in self._rows(self._db, [f"_design/{n}" for n in names])
+            if isinstance(r.get("doc"), dict)
+        }
+        for name, path in names.items():
+            if f"_design/{name}" not in have:
+                index = {
+                    "index": {"fields": [_mango_field(path)]},
+                    "ddoc": name,
+                    "name": "state",
+                    "type": "json",
+                }
+                self._call("POST", self._db + "/_index", index, db=self._db)
+
+    def find(self, query: Query, *, limit: int, after: str | None = None) -> list[str]:
+        """All matches from `_find`, checked again here, then ordered and paged here.
+
+        Mango returns index order, not id order, so a page costs the selector's
+        matches, not `limit`. Only the fields the query reads come back, and
+        `matches` checks them: pouchdb-server answers a superset for some
+        ranges (`$gt` read as `$gte` on an index). Sorting here gives code
+        point order on pouchdb-server too, whose own order is by UTF-16 unit.
+        """
+        fields = ["_id", *(_mango_field(p) for p in paths(query))]
+        body = {"selector": _mango(query), "fields": fields, "limit": _FIND_ALL}
+        docs = self._call("POST", self._db + "/_find", body, db=self._db)["docs"]
+        # String ranges keep the server's order (ICU collation on Apache CouchDB)
+        # where it applied them to every answer: the conditions of the top `$and`.
+        pouch = self._high == "\uffff"
+        decided = frozenset() if pouch else _string_ranges(query)
+        ids = sorted(d["_id"] for d in docs if matches(query, d.get("state", {}), decided))
+        if after is not None:
+            ids = ids[bisect.bisect_right(ids, after) :]
+        return ids[:limit]
 
     # -- writes ---------------------------------------------------------------
 
