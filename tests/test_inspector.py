@@ -23,6 +23,7 @@ from werkzeug.wrappers import Response as WerkzeugResponse
 
 import casern
 import casern.inspector
+from conftest import inc
 
 MOUNTS = ["asgi", "wsgi"]
 ORIGIN = "http://testserver"
@@ -341,6 +342,7 @@ def test_failed_api_lists_failures_and_retry_api_requeues_them(
     bad = w.post("/api/retry", body=b"{nope", headers={"content-type": "application/json"})
     assert bad.status == 400 and "JSON" in bad.json()["error"]
     assert w.post("/api/retry", json_body={"id": 3}).status == 400
+    assert w.get("/api/failed?limit=0").status == 400
 
 
 def test_retry_button_posts_the_form_and_comes_back(
@@ -367,6 +369,8 @@ def test_retry_button_posts_the_form_and_comes_back(
     app.drain()
     assert flaky.ok == [("r/1", 1)]
     assert "No failed deliveries" in w.get("/failed?retried=1").text
+    assert "Re-queued 1 failed delivery" in w.get("/failed?retried=1").text
+    assert "Re-queued" not in w.get("/failed?retried=" + quote("<i>all</i>")).text
     off_site = w.post(
         "/retry",
         body=b"back=//evil.example/",
@@ -542,3 +546,71 @@ def test_the_fastapi_example_mounts_the_inspector_at_inspector(
         page = client.get("/inspector/machines/c-1")
         assert page.status_code == 200 and "c-1" in page.text
         assert client.get("/inspector/failed").status_code == 200
+
+
+# -- unhappy paths -----------------------------------------------------------------------
+
+
+def test_an_unavailable_store_is_503(mount: str, make_app: Callable[..., casern.Casern]) -> None:
+    def down() -> casern.Casern:
+        raise casern.StoreUnavailable("cannot reach the database at http://127.0.0.1:1/db")
+
+    w = Web(mount, make_app())
+    if mount == "asgi":
+        w.asgi = Starlette(routes=[Mount("/inspector", app=casern.inspector.asgi(down))])
+    else:
+        w.wsgi = WerkzeugClient(
+            DispatcherMiddleware(
+                WerkzeugResponse("", 404), {"/inspector": casern.inspector.wsgi(down)}
+            )
+        )
+    api = w.get("/api/machines")
+    assert api.status == 503 and "cannot reach" in api.json()["error"]
+    page = w.get("/machines/a")
+    assert page.status == 503 and "cannot reach" in page.text
+
+
+def test_a_state_that_cannot_be_upgraded_is_shown_as_stored(
+    web: Callable[..., Web], make_app: Callable[..., casern.Casern], store_url: str
+) -> None:
+    make_app().send("inc", "old")
+    newer = make_app(state_version=2)  # and no upgrade function
+    w = web(newer)
+    info = w.get("/api/machines/old").json()
+    assert info["state"] == {"n": 1} and info["version"] == 1
+    assert "upgrade" in info["error"]
+    page = w.get("/machines/old")
+    assert page.status == 200 and "shown as stored" in page.text
+
+
+def test_with_history_off_the_page_says_so(
+    web: Callable[..., Web], make_app: Callable[..., casern.Casern]
+) -> None:
+    w = web(make_app(history=False))
+    w.app.send("inc", "h")
+    page = w.get("/machines/h")
+    assert page.status == 200 and "history is off" in page.text
+    reply = w.get("/api/machines/h/history")
+    assert reply.status == 400 and "history is off" in reply.json()["error"]
+
+
+def test_a_history_that_cannot_be_replayed_shows_no_diff(
+    web: Callable[..., Web], make_app: Callable[..., casern.Casern]
+) -> None:
+    make_app({"inc": inc, "gone": inc}).send("gone", "g")
+    w = web(make_app({"inc": inc}))
+    w.app.send("inc", "g")
+    history = w.get("/api/machines/g/history").json()
+    assert [e["diff"] for e in history["history"]] == [None, None]
+    assert "no reducer 'gone'" in history["note"]
+    assert "what it changed is unknown" in w.get("/machines/g").text
+
+
+def test_a_replay_that_misses_the_stored_state_is_flagged(
+    web: Callable[..., Web], make_app: Callable[..., casern.Casern]
+) -> None:
+    make_app({"set": lambda p, s, d: {"v": 1}}).send("set", "c")
+    w = web(make_app({"set": lambda p, s, d: {"v": 2}}))  # the reducer changed since
+    history = w.get("/api/machines/c/history").json()
+    assert history["history"][0]["diff"] == [{"path": "v", "op": "add", "new": 2}]
+    assert "does not give the stored state" in history["note"]

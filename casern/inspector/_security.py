@@ -108,12 +108,19 @@ class Guard:
                     out.setdefault(name, value)
             await send(message)
 
-        refusal = self.refusal(scope)
+        headers = Headers(scope=scope)
+        bearer = self._bearer_ok(headers)
+        authed = self.token is None or bearer or self._cookie_ok(headers)
+        # Pages offer "log out" only to a browser that logged in with the form.
+        login = bool(self.token) and authed and not bearer
+        scope = dict(scope, state={**scope.get("state", {}), "casern_login": login})
+        refusal = self.refusal(scope, headers, bearer=bearer, authed=authed)
         await (refusal or self.app)(scope, receive, secured)
 
-    def refusal(self, scope: Scope) -> ASGIApp | None:
+    def refusal(
+        self, scope: Scope, headers: Headers, *, bearer: bool, authed: bool
+    ) -> ASGIApp | None:
         """The response that refuses this request, or None to let it through."""
-        headers = Headers(scope=scope)
         path = route_path(scope)
         host = urlsplit("//" + headers.get("host", "")).hostname or ""
         if self.loopback_only and not is_loopback(host):
@@ -122,10 +129,6 @@ class Guard:
                 " to serve it under other names.",
                 403,
             )
-        bearer = self._bearer_ok(headers)
-        authed = self.token is None or bearer or self._cookie_ok(headers)
-        # Pages offer "log out" only to a browser that logged in with the form.
-        scope.setdefault("state", {})["casern_login"] = bool(self.token) and authed and not bearer
         if not authed and not path.startswith(OPEN_PATHS):
             if path.startswith("/api/") or self.login_page is None or scope["method"] != "GET":
                 return JSONResponse(

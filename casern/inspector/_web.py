@@ -175,6 +175,13 @@ class Inspector:
 
     # -- rendering ----------------------------------------------------------------------
 
+    def store_url(self) -> str:
+        """The store, for the page header: credentials removed by the store itself."""
+        try:
+            return self.app.store.url
+        except CasernError:  # the app factory failed: the error page still renders
+            return "(no store)"
+
     def render(self, request: Request, template: str, status: int = 200, **ctx: Any) -> Response:
         return self.render_scope(request.scope, template, status, **ctx)
 
@@ -183,9 +190,9 @@ class Inspector:
         query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
         html = ENV.get_template(template).render(
             base=base,
-            retried=query.get("retried", [None])[0],
+            retried=next((n for n in query.get("retried", []) if n.isdigit()), None),
             version=__version__,
-            store=self.app.store.url,  # credentials removed by the store
+            store=self.store_url(),
             logged_in=bool(scope.get("state", {}).get("casern_login")),
             **ctx,
         )
@@ -371,6 +378,8 @@ class Inspector:
             limit = int(request.query_params.get("limit", "10000"))
         except ValueError:
             raise ValueError("limit must be an integer") from None
+        if limit < 1:
+            raise ValueError("limit must be >= 1")
         return JSONResponse({"failed": self.app.failed(limit=limit)})
 
     async def api_retry(self, request: Request) -> Response:
