@@ -614,3 +614,46 @@ def test_a_replay_that_misses_the_stored_state_is_flagged(
     history = w.get("/api/machines/c/history").json()
     assert history["history"][0]["diff"] == [{"path": "v", "op": "add", "new": 2}]
     assert "does not give the stored state" in history["note"]
+
+
+# -- the pieces: Casern.inspect and the diff ---------------------------------------------
+
+
+def test_app_inspect_returns_one_machine_or_none(make_app: Callable[..., casern.Casern]) -> None:
+    app = make_app()
+    assert app.inspect("nobody") is None
+    app.send("inc", "x", {"a": 1})
+    assert app.inspect("x") == {
+        "id": "x",
+        "state": {"n": 1, "last": {"a": 1}},
+        "seq": 1,
+        "version": 1,
+        "due": {},
+        "pending": [],
+        "failed": [],
+    }
+    with pytest.raises(casern.InvalidId):
+        app.inspect("_design/x")
+
+
+def test_diff_names_each_changed_path() -> None:
+    from casern.inspector._diff import diff
+
+    assert diff({}, {}) == []
+    assert diff({"a": 1}, {"a": True}) == [{"path": "a", "op": "change", "old": 1, "new": True}]
+    assert diff({"l": [1, 2, 3]}, {"l": [1]}) == [
+        {"path": "l[1]", "op": "remove", "old": 2},
+        {"path": "l[2]", "op": "remove", "old": 3},
+    ]
+    assert diff({"l": [1, 2]}, {"l": [3, 4, 5]}) == [
+        {"path": "l", "op": "change", "old": [1, 2], "new": [3, 4, 5]}
+    ]
+    assert diff({"l": [{"x": 1}]}, {"l": [{"x": 2}]}) == [
+        {"path": "l[0].x", "op": "change", "old": 1, "new": 2}
+    ]
+    assert diff({}, {"odd key.": {"b": None}}) == [
+        {"path": '["odd key."]', "op": "add", "new": {"b": None}}
+    ]
+    assert diff({"a": {"b": 1}}, {"a": "text"}) == [
+        {"path": "a", "op": "change", "old": {"b": 1}, "new": "text"}
+    ]
