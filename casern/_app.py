@@ -47,7 +47,14 @@ from ._engine import (
     encode_data,
     freeze,
 )
-from ._errors import CasernError, InvalidData, InvalidQuery, ReducerError, UnknownReducer
+from ._errors import (
+    CasernError,
+    InvalidData,
+    InvalidQuery,
+    ReducerError,
+    UnknownReducer,
+    UpgradeError,
+)
 from ._ids import check_id
 from ._json import dumps, encodable
 from ._query import check_path, parse
@@ -372,6 +379,53 @@ class Casern:
         futures = [self._engine.submit(Action(RETRY, i, Future())) for i in ids]
         return sum(int(f.result() or 0) for f in futures)
 
+    # -- looking into one machine -------------------------------------------------------
+
+    def inspect(self, id: str) -> dict[str, Any] | None:
+        """One machine as an operator sees it, or None for an unknown id.
+
+        A dict with `id`, `state`, `seq`, `version` (as stored), `due` (reducer ->
+        epoch seconds, soonest first), `pending` (changes in the outbox whose
+        listeners are not yet acknowledged: `seq`, `reducer`, `applied_at`,
+        `listeners`) and `failed` (as `failed()`). A state that cannot be upgraded
+        is shown as stored, with the reason in `error`: a tool still sees it.
+        The inspector is built on this; it reads one document, never a scan.
+        """
+        self._check_open()
+        rec = self.store.get(check_id(id))
+        if rec is None:
+            return None
+        doc = rec.doc
+        error: str | None = None
+        try:
+            state = self._engine.load_state(doc)
+        except UpgradeError as e:
+            state, error = doc.get("state", {}), str(e)
+        everyone = sorted(self.listeners)
+        out: dict[str, Any] = {
+            "id": id,
+            "state": json.loads(dumps(state)),
+            "seq": int(doc.get("seq", 0)),
+            "version": int(doc.get("version", self.state_version)),
+            "due": dict(sorted(doc.get("due", {}).items(), key=lambda kv: kv[1])),
+            "pending": [
+                {
+                    "seq": e["seq"],
+                    "reducer": e.get("reducer"),
+                    "applied_at": e.get("applied_at"),
+                    "listeners": list(e.get("listeners") or everyone),
+                }
+                for e in doc.get("pending", ())
+            ],
+            "failed": [
+                {k: (id if k == "id" else f.get(k)) for k in _FAILED_FIELDS}
+                for f in doc.get("failed", ())
+            ],
+        }
+        if error is not None:
+            out["error"] = error
+        return out
+
     # -- history and versions -----------------------------------------------------------
 
     def history(self, id: str, *, after: int = 0, limit: int | None = None) -> list[dict[str, Any]]:
@@ -467,6 +521,8 @@ class Casern:
         if fired:
             log.info("fired the due timers of %d machine(s)", fired)
         self._recover(now)
+        # Forks nobody is writing (a node that caught up, replication): merged now.
+        self._engine.check(self.store.forked(limit))
         return fired
 
     def _recover(self, now: float) -> None:

@@ -616,6 +616,46 @@ def _count_ids(app: Casern) -> int:
     return total
 
 
+@cli.command(name="inspect")
+@click.option(
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address to listen on. Anything but a loopback address needs --token.",
+)
+@click.option(
+    "--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="TCP port."
+)
+@click.option(
+    "--token",
+    envvar="CASERN_INSPECT_TOKEN",
+    metavar="T",
+    help="Require 'Authorization: Bearer T' (or the login form) on every request."
+    "  [env: CASERN_INSPECT_TOKEN]",
+)
+def inspect_command(host: str, port: int, token: str | None) -> None:
+    """Serve the inspector, a web page to look into the machines, until Ctrl-C.
+
+    Machines by id prefix or `find` selector, each one's state, due timers,
+    pending and failed deliveries (with a Retry button) and its history as a
+    timeline of diffs. The same data as JSON under /api/.
+
+    \b
+        casern --app myproject.machines:app inspect            # http://127.0.0.1:8000/
+        casern --app myproject.machines:app inspect --host 0.0.0.0 --token "$(openssl rand -hex 16)"
+    """
+    from .inspector._serve import check_bind, serve
+
+    try:
+        check_bind(host, token)
+    except ValueError as e:
+        raise CLIUsageError(str(e)) from None
+    options = click.get_current_context().find_object(Options)
+    assert options is not None
+    with options.open() as app:
+        serve(app, host, port, token, verbose=options.verbose)
+
+
 cli.add_command(demo_command, "demo")
 
 

@@ -27,7 +27,7 @@ import functools
 import time
 import weakref
 from collections.abc import Callable, Iterable, Mapping
-from concurrent.futures import Future
+from concurrent.futures import CancelledError, Future
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from opentelemetry import context as otel_context
@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from ._engine import Action
 
 __all__ = [
+    "Send",
     "begin_send",
     "carry",
     "commit_duration",
@@ -50,6 +51,7 @@ __all__ = [
     "refused",
     "stamp",
     "track",
+    "use",
     "watch_outbox",
 ]
 
@@ -79,8 +81,12 @@ _SECONDS = (
 _W3C = TraceContextTextMapPropagator()
 _NO_SPAN: contextlib.nullcontext[None] = contextlib.nullcontext()
 _NO_TRACES = (trace.ProxyTracerProvider, trace.NoOpTracerProvider)
-# The API's stand-in until an SDK is installed; it is private, so found by its type.
-_NO_METRICS = (type(metrics._internal._PROXY_METER_PROVIDER), metrics.NoOpMeterProvider)
+# The API's stand-in until an SDK is installed is private: found defensively (if a
+# later API renames it, metrics merely cost a no-op call each instead of nothing).
+_PROXY_METERS = getattr(getattr(metrics, "_internal", None), "_PROXY_METER_PROVIDER", None)
+_NO_METRICS: tuple[type, ...] = (metrics.NoOpMeterProvider,) + (
+    (type(_PROXY_METERS),) if _PROXY_METERS is not None else ()
+)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -299,7 +305,7 @@ def fired(action: Action, id: str, reducer: str, due: float, now: float) -> None
 def _answered(send: Send, future: Future[Any]) -> None:
     """Report a send or a firing once the committer answered it."""
     t = send.t
-    error = future.exception()
+    error = CancelledError() if future.cancelled() else future.exception()
     if send.timers:
         for span, reducer, lag, seq in send.timers:
             t.timers_fired.add(1, {"reducer": reducer})

@@ -150,6 +150,33 @@ def _post(url: str, path: str, body: Any) -> Any:
         return json.load(resp)
 
 
+def _inject_sibling(cluster: ApacheCouch, db: str, id: str, parent: Any, *, key: str) -> None:
+    """A second child of `parent` holding one more `inc`, written as replication would
+    (`new_edits=false`): a branch made by a process on a partitioned node."""
+    gen, parent_hash = parent["_rev"].split("-")
+    sibling = {
+        **{k: v for k, v in parent.items() if not k.startswith("_") and k != "casern_w"},
+        "_id": id,
+        "_rev": f"{int(gen) + 1}-{'f' * 32}",
+        "_revisions": {"start": int(gen) + 1, "ids": ["f" * 32, parent_hash]},
+        "state": {"n": parent["state"]["n"] + 1},
+        "seq": parent["seq"] + 1,
+        "keys": [key],
+        "ops": [
+            *parent["ops"],
+            {"u": key, "seq": parent["seq"] + 1, "reducer": "inc", "data": None, "key": key},
+        ],
+    }
+    for field in ("pending", "pending_since", "log"):
+        sibling.pop(field, None)
+    _post(cluster.url, f"/{db}/_bulk_docs", {"docs": [sibling], "new_edits": False})
+    for _ in range(100):  # replicas apply a replicated revision asynchronously
+        if _raw(f"{cluster.url}/{db}/{id}?conflicts=true").get("_conflicts"):
+            return
+        time.sleep(0.1)
+    pytest.fail("the injected sibling never showed up as a conflict")
+
+
 def test_a_fork_made_elsewhere_is_merged_by_the_next_send(cluster: ApacheCouch) -> None:
     """A sibling injected by hand (`new_edits=false`, as replication does) keeps its change."""
     db, seen = fresh_db_name(), Seen()
@@ -158,29 +185,7 @@ def test_a_fork_made_elsewhere_is_merged_by_the_next_send(cluster: ApacheCouch) 
     parent = _raw(f"{cluster.url}/{db}/m")
     first.send("inc", "m")
     assert first.drain(30)
-    # Another branch from the first revision, as a process on a partitioned node wrote it.
-    sibling = {
-        **{k: v for k, v in parent.items() if not k.startswith("_") and k != "casern_w"},
-        "_id": "m",
-        "_rev": f"2-{'f' * 32}",
-        "_revisions": {"start": 2, "ids": ["f" * 32, parent["_rev"].split("-")[1]]},
-        "state": {"n": 2},
-        "seq": 2,
-        "keys": ["elsewhere"],
-        "ops": [
-            *parent["ops"],
-            {"u": "elsewhere-1", "seq": 2, "reducer": "inc", "data": None, "key": "elsewhere"},
-        ],
-    }
-    for field in ("pending", "pending_since", "log"):
-        sibling.pop(field, None)
-    _post(cluster.url, f"/{db}/_bulk_docs", {"docs": [sibling], "new_edits": False})
-    for _ in range(100):  # replicas apply a replicated revision asynchronously
-        if _raw(f"{cluster.url}/{db}/m?conflicts=true").get("_conflicts"):
-            break
-        time.sleep(0.1)
-    else:
-        pytest.fail("the injected sibling never showed up as a conflict")
+    _inject_sibling(cluster, db, "m", parent, key="elsewhere")
     # `other` has never written "m": it reads, sees the fork and merges it.
     assert other.send("inc", "m") == {"n": 4}
     assert other.send("inc", "m", key="elsewhere") == {"n": 4}, "the replayed key counts"
@@ -192,6 +197,29 @@ def test_a_fork_made_elsewhere_is_merged_by_the_next_send(cluster: ApacheCouch) 
     assert {c[1] for c in seen.changes} == {1, 2, 3, 4}
     for app in (first, other):
         app.close()
+
+
+def test_a_worker_tick_merges_forks_nobody_writes(cluster: ApacheCouch) -> None:
+    db, seen = fresh_db_name(), Seen()
+    (app,) = _apps(cluster, db, seen, [0])
+    for id in ("quiet-1", "quiet-2", "untouched"):
+        app.send("inc", id)
+    assert app.drain(30)
+    for id in ("quiet-1", "quiet-2"):
+        # Fork from the revision before the current one (the acknowledgement's parent).
+        revs = _raw(f"{cluster.url}/{db}/{id}?revs=true")["_revisions"]
+        before = f"{revs['start'] - 1}-{revs['ids'][1]}"
+        parent = _raw(f"{cluster.url}/{db}/{id}?rev={before}")
+        _inject_sibling(cluster, db, id, parent, key=f"elsewhere-{id}")
+    assert sorted(app.store.forked(10)) == ["quiet-1", "quiet-2"]
+    app.run_once()
+    assert app.drain(30)
+    for id in ("quiet-1", "quiet-2"):
+        doc = _raw(f"{cluster.url}/{db}/{id}?conflicts=true")
+        assert "_conflicts" not in doc and doc["state"] == {"n": 2} and doc["seq"] == 2
+    assert app.store.forked(10) == []
+    assert app.get("untouched") == {"n": 1}
+    app.close()
 
 
 def test_a_node_killed_mid_traffic_loses_nothing(cluster: ApacheCouch) -> None:

@@ -171,6 +171,10 @@ class Store(ABC):
         """Every leaf revision of each stored id (the winner first), deleted ones left out."""
         return {id: [rec] for id, rec in self.get_many(ids).items()}
 
+    def forked(self, limit: int) -> list[str]:
+        """Ids that have sibling revisions now, at most `limit` (cost: O(forks))."""
+        return []
+
     def confirm(self, landed: Mapping[str, str]) -> set[str]:
         """The ids (of `landed`: id -> revision just written) that can no longer fork.
 

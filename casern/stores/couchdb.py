@@ -29,6 +29,7 @@ import secrets
 import threading
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
@@ -70,6 +71,11 @@ _PERMANENT = {"doc_validation", "bad_request", "forbidden", "unauthorized", "too
 # The Mango indexes that keep timers and recovery O(due), not O(machines).
 _INDEXES = ("next_due", "pending_since", "nfailed")
 
+# A view of the ids that have sibling revisions (on a cluster): its size is the
+# number of forks, so a sweep over it costs O(forks), not O(machines).
+_FORKS = "casern-forks"
+_FORKS_MAP = "function (doc) { if (doc._conflicts) { emit(null, null); } }"
+
 # A lower bound below every epoch time. pouchdb-server matches documents
 # *without* the field for a bare `$lte`, so every range query is bounded on
 # both sides; the bound also excludes null.
@@ -91,6 +97,37 @@ def _find_ddoc(path: tuple[str, ...]) -> str:
 def _mango_field(path: tuple[str, ...]) -> str:
     # Keys hold no "." nor "\\" (refused by _query.check_path): nothing to escape.
     return ".".join(("state", *path))
+
+
+@dataclass(frozen=True)
+class _FindRequest:
+    """One find: the query, its Mango selector, the fields to fetch, the recheck."""
+
+    query: Query
+    decided: frozenset[Cond]
+    fields: list[str]
+
+    @property
+    def selector(self) -> dict[str, Any]:
+        return _mango(self.query)
+
+    def matches(self, doc: Doc) -> bool:
+        return matches(self.query, doc.get("state", {}), self.decided)
+
+
+def _after(selector: dict[str, Any], after: str | None) -> dict[str, Any]:
+    if after is None:
+        return selector
+    later = {"_id": {"$gt": after}}
+    return {"$and": [selector, later]} if selector else later
+
+
+def _indexed_equality(query: Query, indexed: frozenset[tuple[str, ...]]) -> tuple[str, ...] | None:
+    """An indexed field that the top `$and` of `query` compares for equality, if any."""
+    for part in query.parts if isinstance(query, All) else (query,):
+        if isinstance(part, Cond) and part.op == "eq" and part.path in indexed:
+            return part.path
+    return None
 
 
 def _string_ranges(query: Query) -> frozenset[Cond]:
@@ -266,6 +303,7 @@ class CouchDBStore(Store):
         self._db = "/" + quote(dbname, safe="")
         self._hdb = "/" + quote(dbname + "-history", safe="")
         self._retries = max(0, retries)
+        self._forks_view = False
         # Writes a cluster acknowledged with 202 (not every replica has them yet).
         self._partial: set[tuple[str, str]] = set()
         self._partial_lock = threading.Lock()
@@ -329,6 +367,19 @@ class CouchDBStore(Store):
                     live.sort(key=lambda d: (_generation(d["_rev"]), d["_rev"]), reverse=True)
                     out[res["id"]] = [_record(res["id"], d) for d in live]
         return out
+
+    def forked(self, limit: int) -> list[str]:
+        """A view over `_conflicts` (created on first use): the ids with sibling revisions."""
+        if not self.may_fork or limit <= 0:
+            return []
+        ddoc = f"{self._db}/_design/{_FORKS}"
+        if not self._forks_view:
+            view = {"views": {"ids": {"map": _FORKS_MAP}}}
+            self._call("PUT", ddoc, view, expect=(409,), db=self._db)  # 409: there already
+            self._forks_view = True
+        params = {"limit": str(limit)}
+        rows = self._call("GET", ddoc + "/_view/ids", params=params, db=self._db)["rows"]
+        return [row["id"] for row in rows]
 
     def confirm(self, landed: Mapping[str, str]) -> set[str]:
         """Re-read every id from all `n` replicas (`r=n`, `conflicts=true`).
@@ -458,11 +509,15 @@ class CouchDBStore(Store):
 
     # -- find: the store-neutral query as Mango ---------------------------------
 
+    #: The state fields `ensure_indexes` indexed: an equality on one pages in id order.
+    _find_paths: frozenset[tuple[str, ...]] = frozenset()
+
     def ensure_indexes(self, fields: Sequence[tuple[str, ...]]) -> None:
         """One Mango index per state field, posted only if its design document is missing.
 
         Re-posting an existing index makes pouchdb-server rebuild it.
         """
+        self._find_paths = frozenset(fields)
         names = {_find_ddoc(path): path for path in fields}
         if not names:
             return
@@ -482,22 +537,62 @@ class CouchDBStore(Store):
                 self._call("POST", self._db + "/_index", index, db=self._db)
 
     def find(self, query: Query, *, limit: int, after: str | None = None) -> list[str]:
-        """All matches from `_find`, checked again here, then ordered and paged here.
+        """Matches from `_find`, each checked again with `matches`, in code point id order.
 
-        Mango returns index order, not id order, so a page costs the selector's
-        matches, not `limit`. Only the fields the query reads come back, and
-        `matches` checks them: pouchdb-server answers a superset for some
-        ranges (`$gt` read as `$gte` on an index). Sorting here gives code
-        point order on pouchdb-server too, whose own order is by UTF-16 unit.
+        Only the fields the query reads come back, and `matches` checks them, so
+        `_mango` may match more (pouchdb-server also answers a superset for some
+        ranges: `$gt` read as `$gte` on an index). String ranges of the top
+        `$and` keep the server's order (ICU collation on Apache CouchDB), which
+        it applied to every answer.
         """
-        fields = ["_id", *(_mango_field(p) for p in paths(query))]
-        body = {"selector": _mango(query), "fields": fields, "limit": _FIND_ALL}
-        docs = self._call("POST", self._db + "/_find", body, db=self._db)["docs"]
-        # String ranges keep the server's order (ICU collation on Apache CouchDB)
-        # where it applied them to every answer: the conditions of the top `$and`.
         pouch = self._high == "\uffff"
         decided = frozenset() if pouch else _string_ranges(query)
-        ids = sorted(d["_id"] for d in docs if matches(query, d.get("state", {}), decided))
+        request = _FindRequest(query, decided, ["_id", *map(_mango_field, paths(query))])
+        field = None if pouch else _indexed_equality(query, self._find_paths)
+        if field is not None:
+            found = self._find_by_index(request, field, limit, after)
+            if found is not None:
+                return found
+        return self._find_all(request, limit, after, pouch)
+
+    def _find_by_index(
+        self, request: _FindRequest, field: tuple[str, ...], limit: int, after: str | None
+    ) -> list[str] | None:
+        """Page an equality on an indexed field straight from its index, `limit` at a time.
+
+        Apache CouchDB orders index rows of one key by raw (code point) id, and
+        compares `_id` the same way; None if the server did not use the index.
+        """
+        ddoc = f"_design/{_find_ddoc(field)}"
+        out: list[str] = []
+        while True:
+            body = {
+                "selector": _after(request.selector, after),
+                "fields": request.fields,
+                "limit": limit,
+                "use_index": [ddoc, "state"],
+            }
+            answer = self._call("POST", self._db + "/_find", body, db=self._db)
+            if ddoc in str(answer.get("warning", "")):  # "... was not used because ..."
+                return None
+            docs = answer["docs"]
+            out.extend(d["_id"] for d in docs if request.matches(d))
+            if len(out) >= limit or len(docs) < limit:
+                return out[:limit]
+            after = docs[-1]["_id"]
+
+    def _find_all(
+        self, request: _FindRequest, limit: int, after: str | None, pouch: bool
+    ) -> list[str]:
+        """Every match, sorted here: Mango answers in index order, not id order.
+
+        A page then costs every match of the selector (after `after` on Apache
+        CouchDB; pouchdb-server compares `_id` by UTF-16 unit, so it gets none).
+        """
+        selector = request.selector if pouch else _after(request.selector, after)
+        body = {"selector": selector, "fields": request.fields, "limit": _FIND_ALL}
+        docs = self._call("POST", self._db + "/_find", body, db=self._db)["docs"]
+        ids = sorted(d["_id"] for d in docs if request.matches(d))
         if after is not None:
             ids = ids[bisect.bisect_right(ids, after) :]
         return ids[:limit]

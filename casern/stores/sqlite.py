@@ -303,8 +303,12 @@ class SQLiteStore(Store):
         )
 
     def failed(self, limit: int) -> list[str]:
+        # INDEXED BY: left alone, the planner walks the primary key for ORDER BY id and
+        # reads every machine to find the few that failed (measured: 100,000 rows scanned).
         return self._ids_where(
-            "SELECT id FROM machines WHERE nfailed > 0 ORDER BY id LIMIT ?", (limit,)
+            "SELECT id FROM machines INDEXED BY machines_failed WHERE nfailed > 0"
+            " ORDER BY id LIMIT ?",
+            (limit,),
         )
 
     def ids(self, *, prefix: str = "", after: str | None = None, limit: int = 1000) -> list[str]:
