@@ -8,7 +8,8 @@
     ├── InvalidId           (also a ValueError)  an id that cannot be stored safely
     ├── StoreUnavailable    (also a ConnectionError) the database cannot be reached
     ├── ConflictError                             optimistic-lock retries exhausted
-    └── UpgradeError                              a stored state cannot be upgraded
+    ├── UpgradeError                              a stored state cannot be upgraded
+    └── InvalidQuery        (also a ValueError)  a `find` selector it cannot run
 
 On every one of them nothing is written, the stored state is unchanged and no
 listener runs.
@@ -21,6 +22,7 @@ __all__ = [
     "ConflictError",
     "InvalidData",
     "InvalidId",
+    "InvalidQuery",
     "InvalidState",
     "ReducerError",
     "StoreUnavailable",
@@ -66,3 +68,7 @@ class ConflictError(CasernError):
 
 class UpgradeError(CasernError):
     """A stored state cannot be upgraded to this code's `state_version`."""
+
+
+class InvalidQuery(CasernError, ValueError):
+    """A `find` selector (or an `indexes` field) casern cannot run; the message names the part."""
