@@ -205,7 +205,7 @@ class Dispatcher:
         deadline = time.monotonic() + timeout
         self.wait_idle(timeout)
         if self._pool is not None:
-            self._pool.shutdown()  # idle threads leave now, hung ones are daemons
+            self._pool.shutdown()
         loop = self._loop
         if loop is not None:
 
@@ -232,7 +232,7 @@ class Dispatcher:
             self._idle.notify_all()
 
     def abandon(self) -> None:
-        """Stop the loop without waiting for anything (the app was garbage-collected)."""
+        """Stop the loop and the pool without waiting (the app was garbage-collected)."""
         loop, pool = self._loop, self._pool
         if loop is not None:
             with contextlib.suppress(RuntimeError):  # already closed
@@ -261,7 +261,7 @@ class Dispatcher:
         """One call of a plain listener, in a pool thread; returns the sends it queued."""
         name = lane[1]
         sent: list[Future[Any]] = []
-        _here.listener = f"listener {name!r}"  # drain() inside it is refused
+        _here.listener = f"listener {name!r}"  # drain() in here is refused, not hung
         try:
             with _telemetry.listener_span(job.id, job.entry, name):
                 result = self.listeners[name](self._change(job, name, sent))
@@ -448,7 +448,8 @@ class Dispatcher:
 
 def _describe(e: BaseException, timeout: float) -> str:
     """The exception's type and message, and where it was raised (for `failed()`)."""
-    if isinstance(e, TimeoutError) and not str(e):
+    if isinstance(e, TimeoutError) and (not str(e) or e.__traceback__ is None):
+        # asyncio.timeout's (no message), or the pool's (made, never raised)
         return f"TimeoutError: ran longer than Backoff.timeout={timeout}s"
     text = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
     frames = traceback.extract_tb(e.__traceback__)

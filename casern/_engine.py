@@ -979,21 +979,6 @@ class Engine:
         plan.state_json = cur_json if upgrade_error is None else dumps(new_doc["state"])
         return plan
 
-    def _pending_since(self, old: float | None, pending: list[Doc]) -> float:
-        """The indexed lower bound of the outbox's applied times, changed as seldom as safe.
-
-        Recovery looks for `pending_since <= now - redeliver_after`, so any lower
-        bound of the pending entries' times finds every stale one. Keeping the
-        old value (while it is young) spares an index update on most writes of
-        a busy machine, whose previous change is acknowledged as the next one
-        is added; refreshing it once it is half as old as `redeliver_after`
-        keeps a busy machine from looking stale.
-        """
-        oldest: float = min(e["at"] for e in pending)
-        if old is None or old > oldest or self.redeliver_after is None:
-            return oldest
-        return old if old >= time.time() - self.redeliver_after / 2 else oldest
-
     def _claim(self, id: str, pending: list[Doc], seqs: Set[int], now: float) -> list[Delivery]:
         """Claim the entries of `seqs` no other live process holds; replaces them in place.
 
@@ -1011,6 +996,21 @@ class Engine:
             pending[i] = e = dict(e, claim={"by": self.token, "until": until})
             claimed.append(Delivery(id, e))
         return claimed
+
+    def _pending_since(self, old: float | None, pending: list[Doc]) -> float:
+        """The indexed lower bound of the outbox's applied times, changed as seldom as safe.
+
+        Recovery looks for `pending_since <= now - redeliver_after`, so any lower
+        bound of the pending entries' times finds every stale one. Keeping the
+        old value (while it is young) spares an index update on most writes of
+        a busy machine, whose previous change is acknowledged as the next one
+        is added; refreshing it once it is half as old as `redeliver_after`
+        keeps a busy machine from looking stale.
+        """
+        oldest: float = min(e["at"] for e in pending)
+        if old is None or old > oldest or self.redeliver_after is None:
+            return oldest
+        return old if old >= time.time() - self.redeliver_after / 2 else oldest
 
     def _schedule(self, state_json: str, due: dict[str, float], fired: dict[str, float]) -> None:
         """Recompute due times after a change; a consumed time never fires again."""
