@@ -88,6 +88,12 @@ def now_iso(at: float) -> str:
     return datetime.fromtimestamp(at, UTC).isoformat()
 
 
+# Nobody waits for an acknowledgement: its actions share one future, already
+# resolved, instead of building one (a lock and a condition) per ack.
+_ANSWERED: Future[Any] = Future()
+_ANSWERED.set_result(None)
+
+
 @dataclass(slots=True, eq=False)
 class Action:
     """One unit of work for the committer; `future` resolves when it is durable."""
@@ -508,7 +514,7 @@ class Engine:
 
     def _ack_action(self, id: str) -> Action:
         seqs, fails, _ = self._acks.pop(id)
-        return Action(ACK, id, Future(), seqs=frozenset(seqs), failed=fails)
+        return Action(ACK, id, _ANSWERED, seqs=frozenset(seqs), failed=fails)
 
     def _wait_time(self) -> float:
         waits = [5.0]

@@ -227,6 +227,9 @@ class SQLiteStore(Store):
             rows.append((i, doc, history))
 
         def run(db: sqlite3.Connection) -> list[str | CasernError | None]:
+            landed: list[tuple[str, int, str]] = []
+            for i, _, _ in rows:  # a retry after a busy error starts over
+                results[i] = None
             for i, doc, history in rows:
                 w = writes[i]
                 next_due, pending_since, nfailed = index_fields(w.doc)
@@ -247,11 +250,12 @@ class SQLiteStore(Store):
                     )
                 if cur.rowcount != 1:
                     continue
-                if history:
-                    db.executemany(
-                        "INSERT OR IGNORE INTO history (id, seq, entry) VALUES (?, ?, ?)", history
-                    )
+                landed.extend(history)
                 results[i] = rev
+            if landed:  # one statement for the history rows of the whole group commit
+                db.executemany(
+                    "INSERT OR IGNORE INTO history (id, seq, entry) VALUES (?, ?, ?)", landed
+                )
             return results
 
         return self._transaction(run) if rows else results
