@@ -58,8 +58,20 @@ class LoopWatch:
 
     def _watch(self) -> None:
         blocked: tuple[str, str, float] | None = None  # listener, where, since
+        still: tuple[int, int] | None = None  # the loop thread's top frame and its position
+        looks = 0  # how many looks in a row found it there
         while not self._stop.wait(self._limit / 4):
             stale = time.monotonic() - self._beat
+            if stale < self._limit / 2:
+                still, looks = None, 0
+            elif blocked is None:
+                # A loop merely starved of CPU (a busy machine) moves on between
+                # looks; one that a listener blocks stays on the very same instruction.
+                now = self._top()
+                looks = looks + 1 if now == still else 1
+                still = now
+                if looks < 4:
+                    continue
             if stale < self._limit:
                 if blocked is not None:
                     name, where, since = blocked
@@ -79,6 +91,11 @@ class LoopWatch:
                 if found is not None and found[0] not in self._reported:
                     self._reported.add(found[0])
                     blocked = (*found, self._beat)
+
+    def _top(self) -> tuple[int, int] | None:
+        ident = self._thread.ident
+        frame = sys._current_frames().get(ident) if ident else None
+        return None if frame is None else (id(frame), frame.f_lasti)
 
     def _culprit(self) -> tuple[str, str] | None:
         """The listener on the loop thread's stack now, and the innermost frame there."""

@@ -150,7 +150,7 @@ def test_an_async_listener_that_blocks_the_loop_is_named_in_a_warning(
     make_app: Callable[..., casern.Casern], caplog: pytest.LogCaptureFixture
 ) -> None:
     async def sleepy(change: casern.Change) -> None:
-        time.sleep(1.0)  # blocks the loop every async listener shares
+        time.sleep(1.5)  # blocks the loop every async listener shares
 
     app = make_app(listeners={"sleepy": sleepy})
     with caplog.at_level("WARNING", logger="casern"):
