@@ -360,9 +360,12 @@ async def _simulate(
     ) as bar:
         shown = 0
         quarter = 0  # without a terminal, a line at every quarter instead of a bar
+        progress = time.monotonic()
         while True:
             done = len(stats.finished)
             bar.update(done - shown)
+            if done != shown:
+                progress = time.monotonic()
             shown = done
             if not live and done * 4 >= (quarter + 1) * len(plan):
                 quarter = done * 4 // len(plan)
@@ -372,8 +375,8 @@ async def _simulate(
                 sent.first_wave_messages = sent.total
             if done >= len(plan) and all(t.done() for t in tasks):
                 break
-            if all(t.done() for t in tasks) and time.monotonic() - started > wait * 2:
-                break  # some conversation never finished; the check reports it
+            if all(t.done() for t in tasks) and time.monotonic() - progress > wait:
+                break  # no conversation finished for that long: the check reports the rest
             await asyncio.sleep(0.05)
     results = await asyncio.gather(*tasks, return_exceptions=True)
     errors = [
