@@ -1,9 +1,10 @@
 """Selectors for `find`: a subset of CouchDB's Mango, checked once, in one place.
 
 `parse(selector)` turns a user's selector into a small store-neutral tree that
-every store translates (SQLite into SQL with bound values, CouchDB back into a
-tightened Mango query); no store parses selectors itself. Anything the tree
-cannot express raises `InvalidQuery`, naming the bad part.
+every store translates (SQLite into SQL with bound values; CouchDB into a Mango
+selector that may match more, whose answers `matches` checks again); no store
+parses selectors itself. Anything the tree cannot express raises
+`InvalidQuery`, naming the bad part.
 
 The meaning is CouchDB's where the stores can agree on it:
 
@@ -15,6 +16,7 @@ The meaning is CouchDB's where the stores can agree on it:
   `true` is not `1`), strings in the store's string order, `false < true`;
   a range never matches a value of another type (CouchDB's collation would let
   `{"$gt": 5}` match every string: the stores add bounds so that it does not);
+- `$in` and `$nin` also look inside an array (as CouchDB's do), equality does not;
 - operands are JSON scalars (null, booleans, numbers, strings): equality with
   an array or an object is refused rather than given a store-dependent meaning.
 """
@@ -28,7 +30,18 @@ from typing import Any
 
 from ._errors import InvalidQuery
 
-__all__ = ["All", "AnyOf", "Cond", "Query", "Scalar", "check_path", "matches", "parse", "paths"]
+__all__ = [
+    "RANGES",
+    "All",
+    "AnyOf",
+    "Cond",
+    "Query",
+    "Scalar",
+    "check_path",
+    "matches",
+    "parse",
+    "paths",
+]
 
 Scalar = None | bool | int | float | str
 
@@ -54,10 +67,6 @@ class Cond:
     path: tuple[str, ...]
     op: str
     value: Any
-
-    @property
-    def field(self) -> str:
-        return ".".join(self.path)
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,9 +194,12 @@ def _operator(path: tuple[str, ...], op: str, arg: Any, counter: list[int]) -> Q
         if value is None:
             raise InvalidQuery(f"{where} compares numbers, strings or booleans, not null")
         if isinstance(value, bool):
-            # Only two booleans: a range over them is a set of them.
-            kept = tuple(b for b in (False, True) if _holds_any(name, b, value))
-            return Cond(path, "in", kept)
+            # Only two booleans: a range over them is equality with some of them
+            # (not `$in`, which would look inside arrays).
+            kept = [Cond(path, "eq", b) for b in (False, True) if _compare(name, b, value)]
+            if not kept:
+                return Cond(path, "in", ())  # matches nothing
+            return kept[0] if len(kept) == 1 else AnyOf(tuple(kept))
     return Cond(path, name, value)
 
 
@@ -289,10 +301,10 @@ def matches(query: Query, state: Any, decided: frozenset[Cond] = frozenset()) ->
         return found if op == "in" else not found
     if _type(value) != _type(arg):
         return False
-    return _holds_any(op, value, arg)
+    return _compare(op, value, arg)
 
 
-def _holds_any(op: str, a: Any, b: Any) -> bool:
+def _compare(op: str, a: Any, b: Any) -> bool:
     if op == "gt":
         return bool(a > b)
     if op == "gte":

@@ -15,19 +15,27 @@ envelopes with revision-checked writes. The envelope is a JSON object::
      "log":     [{...}, ...],   # newest history entries (stores without atomic history)
      "next_due": t | null,      # min(due), indexed
      "pending_since": t | null, # applied time of the oldest pending entry, indexed
-     "nfailed": n}              # len(failed), indexed
+     "nfailed": n,              # len(failed), indexed
+     "ops":     [{...}, ...]}   # newest applied actions, each with a unique `u` (stores that fork)
 
 A store never interprets `state`; it indexes `next_due`, `pending_since` and
 `nfailed` so that timers and recovery cost O(due), not O(machines).
+
+A store that replicates (a CouchDB cluster, `may_fork`) can end up with
+*sibling* revisions of one envelope: concurrent writers each won on some
+replica. It says so (`Record.conflicts`, `leaves`, `confirm`) and deletes
+siblings on request (`Write.drop`); merging them is the engine's job
+(`casern/_merge.py`), since only the engine can replay actions.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from .._errors import CasernError, InvalidState
 from .._query import Query, matches
 
 __all__ = ["Record", "Store", "Write"]
@@ -37,11 +45,16 @@ Doc = dict[str, Any]
 
 @dataclass(frozen=True, slots=True)
 class Record:
-    """One stored envelope at one revision (`rev` is opaque to the engine)."""
+    """One stored envelope at one revision (`rev` is opaque to the engine).
+
+    `conflicts` lists the sibling leaf revisions beside this (winning) one:
+    always empty on a store that cannot fork.
+    """
 
     id: str
     rev: str
     doc: Doc
+    conflicts: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,12 +64,15 @@ class Write:
     `history` holds the history entries (dicts with an int `seq`) of the changes
     this write commits; a store with `atomic_history` writes them in the same
     transaction, other stores ignore them (the engine relays them later).
+    `drop` names sibling revisions (see `Record.conflicts`) to delete in the same
+    request once `doc` holds what they held; one that changed meanwhile stays.
     """
 
     id: str
     rev: str | None
     doc: Doc
     history: Sequence[Doc] = field(default=())
+    drop: tuple[str, ...] = ()
 
 
 class Store(ABC):
@@ -71,6 +87,12 @@ class Store(ABC):
     url: str
     #: True if `put_many` writes `Write.history` atomically with the envelope.
     atomic_history: bool = False
+    #: True if an envelope can get sibling revisions (replicas that accept
+    #: writes independently); the engine then journals, confirms and merges.
+    may_fork: bool = False
+    #: The largest envelope the store holds, in bytes of JSON (None: no limit).
+    #: A state bigger than this is refused with `InvalidState` before any write.
+    max_document_size: int | None = None
 
     @abstractmethod
     def get_many(self, ids: Sequence[str]) -> dict[str, Record]:
@@ -81,12 +103,14 @@ class Store(ABC):
         return self.get_many([id]).get(id)
 
     @abstractmethod
-    def put_many(self, writes: Sequence[Write]) -> list[str | None]:
+    def put_many(self, writes: Sequence[Write]) -> list[str | CasernError | None]:
         """Write each envelope if its revision still matches.
 
-        Returns, in order, the new revision of each write, or None where the
-        revision did not match (a conflict: that write changed nothing). Writes
-        are independent: one conflict does not undo the others.
+        Returns, in order, the new revision of each write, None where the
+        revision did not match (a conflict: that write changed nothing), or
+        the `CasernError` saying why the store refused that one document (too
+        large, not encodable): nothing of it was written. Writes are
+        independent: one conflict or refusal does not undo the others.
         """
 
     @abstractmethod
@@ -143,6 +167,24 @@ class Store(ABC):
             cursor = page[-1]
         return sorted(out)[:limit]
 
+    def leaves(self, ids: Sequence[str]) -> dict[str, list[Record]]:
+        """Every leaf revision of each stored id (the winner first), deleted ones left out."""
+        return {id: [rec] for id, rec in self.get_many(ids).items()}
+
+    def forked(self, limit: int) -> list[str]:
+        """Ids that have sibling revisions now, at most `limit` (cost: O(forks))."""
+        return []
+
+    def confirm(self, landed: Mapping[str, str]) -> set[str]:
+        """The ids (of `landed`: id -> revision just written) that can no longer fork.
+
+        An id is confirmed when its revision is the only leaf and no replica can
+        still accept a sibling of it. A change is handed to listeners only then,
+        so that `(id, seq)` never names two changes. A store that cannot fork
+        confirms everything at no cost.
+        """
+        return set(landed)
+
     def close(self) -> None:
         """Release connections; the store is not used afterwards."""
         return None
@@ -154,6 +196,21 @@ class Store(ABC):
 def index_fields(doc: Doc) -> tuple[float | None, float | None, int]:
     """The indexed fields of an envelope: (next_due, pending_since, nfailed)."""
     return doc.get("next_due"), doc.get("pending_since"), int(doc.get("nfailed") or 0)
+
+
+def refuse_envelope(id: str, problem: str) -> InvalidState:
+    """Why a store cannot hold one envelope; the other writes of the batch go on."""
+    return InvalidState(
+        f"the envelope of {id!r:.80} {problem}: it holds the state and, for each change whose"
+        " listeners have not run yet, that change's prev and state; keep states smaller"
+        " (big data elsewhere, a reference in the state)"
+    )
+
+
+def too_large(id: str, size: int, limit: int, where: str) -> InvalidState:
+    return refuse_envelope(
+        id, f"is about {size:,} bytes of JSON, over the document limit of {where} ({limit:,})"
+    )
 
 
 def chunks(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:

@@ -1,12 +1,20 @@
 """The CouchDB store: one document per machine, revisions as optimistic locks.
 
-Speaks the plain CouchDB 2.x/3.x HTTP API (tested against Apache CouchDB and
-pouchdb-server) through one thread-safe `httpx.Client`. Machine ids only ever
+Speaks the plain CouchDB 2.x/3.x HTTP API (tested against Apache CouchDB 3.5,
+single node and a 3-node cluster, and pouchdb-server) through one thread-safe
+`httpx.Client`. Machine ids only ever
 travel in JSON bodies (`_all_docs` keys, `_bulk_docs` docs), never in URL
 paths, so no id can reach another document, database or endpoint.
 
 History entries live in a second database, `<dbname>-history`, one document
 per `(id, seq)` with a deterministic id, so rewriting one is harmless.
+
+On a cluster (`GET /db` says `cluster.n` > 1) a document can fork: each replica
+accepts the first child of a revision that reaches it, so two writers on one
+revision can both win somewhere. There the store writes with `w=n` (every
+replica must take the write for a 201), reads with `conflicts=true`, and
+`confirm` re-reads from all `n` replicas before the engine lets listeners see
+a change (see `casern/_merge.py` for the merge).
 """
 
 from __future__ import annotations
@@ -18,17 +26,19 @@ import logging
 import random
 import re
 import secrets
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 import httpx
 
-from .._errors import StoreUnavailable
+from .._errors import CasernError, InvalidState, StoreUnavailable
 from .._ids import check_id
 from .._query import RANGES, All, AnyOf, Cond, Query, matches, paths
-from .base import Doc, Record, Store, Write, chunks
+from .base import Doc, Record, Store, Write, chunks, too_large
 
 __all__ = ["CouchDBStore"]
 
@@ -40,6 +50,9 @@ TOKEN = "casern_w"
 
 #: Keys per `_all_docs` request and docs per `_bulk_docs` request.
 CHUNK = 500
+
+#: CouchDB 3.x's default `[couchdb] max_document_size`, in bytes.
+DEFAULT_MAX_DOCUMENT_SIZE = 8_000_000
 
 # CouchDB database names: a lowercase letter, then [a-z0-9_$()+/-].
 _DB_NAME = re.compile(r"^[a-z][a-z0-9_$()+/-]*$")
@@ -57,6 +70,11 @@ _PERMANENT = {"doc_validation", "bad_request", "forbidden", "unauthorized", "too
 
 # The Mango indexes that keep timers and recovery O(due), not O(machines).
 _INDEXES = ("next_due", "pending_since", "nfailed")
+
+# A view of the ids that have sibling revisions (on a cluster): its size is the
+# number of forks, so a sweep over it costs O(forks), not O(machines).
+_FORKS = "casern-forks"
+_FORKS_MAP = "function (doc) { if (doc._conflicts) { emit(null, null); } }"
 
 # A lower bound below every epoch time. pouchdb-server matches documents
 # *without* the field for a bare `$lte`, so every range query is bounded on
@@ -79,6 +97,37 @@ def _find_ddoc(path: tuple[str, ...]) -> str:
 def _mango_field(path: tuple[str, ...]) -> str:
     # Keys hold no "." nor "\\" (refused by _query.check_path): nothing to escape.
     return ".".join(("state", *path))
+
+
+@dataclass(frozen=True)
+class _FindRequest:
+    """One find: the query, its Mango selector, the fields to fetch, the recheck."""
+
+    query: Query
+    decided: frozenset[Cond]
+    fields: list[str]
+
+    @property
+    def selector(self) -> dict[str, Any]:
+        return _mango(self.query)
+
+    def matches(self, doc: Doc) -> bool:
+        return matches(self.query, doc.get("state", {}), self.decided)
+
+
+def _after(selector: dict[str, Any], after: str | None) -> dict[str, Any]:
+    if after is None:
+        return selector
+    later = {"_id": {"$gt": after}}
+    return {"$and": [selector, later]} if selector else later
+
+
+def _indexed_equality(query: Query, indexed: frozenset[tuple[str, ...]]) -> tuple[str, ...] | None:
+    """An indexed field that the top `$and` of `query` compares for equality, if any."""
+    for part in query.parts if isinstance(query, All) else (query,):
+        if isinstance(part, Cond) and part.op == "eq" and part.path in indexed:
+            return part.path
+    return None
 
 
 def _string_ranges(query: Query) -> frozenset[Cond]:
@@ -141,9 +190,27 @@ def _generation(rev: str) -> int:
     return int(head) if head.isdigit() else 0
 
 
+def _record(id: str, doc: Doc) -> Record:
+    return Record(id, doc["_rev"], _clean(doc), tuple(doc.get("_conflicts", ())))
+
+
 def _clean(doc: Doc) -> Doc:
     """The envelope as the engine wrote it: CouchDB's and our own fields removed."""
     return {k: v for k, v in doc.items() if not k.startswith("_") and k != TOKEN}
+
+
+def _by_id(writes: Sequence[Write], todo: list[int], rows: list[Doc]) -> list[int]:
+    """The write each `_bulk_docs` row answers, in row order.
+
+    pouchdb-server lists refused documents first, so rows are matched by id
+    (in request order among writes to one id), not by position.
+    """
+    slots: dict[str, list[int]] = {}
+    for i in todo:
+        slots.setdefault(writes[i].id, []).append(i)
+    if len(rows) != len(todo):
+        raise StoreUnavailable(f"_bulk_docs answered {len(rows)} rows for {len(todo)} documents")
+    return [slots[row["id"]].pop(0) for row in rows]
 
 
 def _dumps(body: Any) -> bytes:
@@ -164,6 +231,13 @@ class _MissingDB(Exception):
     """The database is gone (deleted, or an in-memory server restarted)."""
 
 
+class _TooLarge(Exception):
+    """CouchDB refused a whole `_bulk_docs` for one document over `max_document_size`."""
+
+    def __init__(self, id: str) -> None:
+        self.id = id
+
+
 class CouchDBStore(Store):
     """Envelopes in a CouchDB database, written with `_bulk_docs`.
 
@@ -171,9 +245,17 @@ class CouchDBStore(Store):
     (and `<dbname>-history`) is created if missing. Every request is retried
     `retries` times with exponential back-off and jitter on transport errors
     and 5xx answers, then raises `StoreUnavailable`. `transport` is for tests.
+    `max_document_size` (bytes) is read from the server's configuration when
+    the user may read it, else CouchDB's default of 8,000,000 applies.
     """
 
     atomic_history = False
+    #: Replicas per document (`cluster.n`); 1 on a single node and pouchdb-server.
+    n: int = 1
+
+    @property
+    def may_fork(self) -> bool:  # type: ignore[override]
+        return self.n > 1
 
     def __init__(
         self,
@@ -182,6 +264,7 @@ class CouchDBStore(Store):
         timeout: float = 10.0,
         retries: int = 5,
         transport: httpx.BaseTransport | None = None,
+        max_document_size: int | None = None,
     ) -> None:
         parts = urlsplit(url)
         try:
@@ -220,6 +303,10 @@ class CouchDBStore(Store):
         self._db = "/" + quote(dbname, safe="")
         self._hdb = "/" + quote(dbname + "-history", safe="")
         self._retries = max(0, retries)
+        self._forks_view = False
+        # Writes a cluster acknowledged with 202 (not every replica has them yet).
+        self._partial: set[tuple[str, str]] = set()
+        self._partial_lock = threading.Lock()
         base = urlunsplit((parts.scheme, netloc, "/".join(segments[:-1]), "", ""))
         self._client = httpx.Client(
             base_url=base,
@@ -235,7 +322,14 @@ class CouchDBStore(Store):
             # when no endkey is given: so always send the highest key there is.
             pouch = isinstance(welcome, dict) and "express-pouchdb" in welcome
             self._high = "\uffff" if pouch else "\U0010ffff"
+            if max_document_size is not None:
+                self.max_document_size = max_document_size
+            elif not pouch:  # pouchdb-server has no document limit
+                self.max_document_size = self._read_max_document_size()
             self._create(self._db)
+            info = self._call("GET", self._db, db=self._db)
+            cluster = info.get("cluster") if isinstance(info, dict) else None
+            self.n = int(cluster.get("n", 1)) if isinstance(cluster, dict) else 1
         except BaseException:
             self._client.close()
             raise
@@ -247,18 +341,79 @@ class CouchDBStore(Store):
         for id in ids:
             check_id(id)  # "_design/x" would read a design document
         found: dict[str, Record] = {}
+        params = {"include_docs": "true"}
+        if self.may_fork:
+            params["conflicts"] = "true"
         for part in chunks(list(dict.fromkeys(ids)), CHUNK):
-            for row in self._rows(self._db, list(part)):
+            for row in self._rows(self._db, list(part), params):
                 doc = row.get("doc")
                 if isinstance(doc, dict):  # missing: error row; deleted: doc null
-                    found[row["id"]] = Record(row["id"], doc["_rev"], _clean(doc))
+                    found[row["id"]] = _record(row["id"], doc)
         return found
 
-    def put_many(self, writes: Sequence[Write]) -> list[str | None]:
+    def leaves(self, ids: Sequence[str]) -> dict[str, list[Record]]:
+        """`_bulk_get` without revisions: every leaf (`open_revs=all`), the winner first."""
+        for id in ids:
+            check_id(id)
+        out: dict[str, list[Record]] = {}
+        for part in chunks(list(dict.fromkeys(ids)), CHUNK):
+            body = {"docs": [{"id": id} for id in part]}
+            answer = self._call("POST", self._db + "/_bulk_get", body, db=self._db)
+            for res in answer["results"]:
+                docs = [got["ok"] for got in res.get("docs", []) if isinstance(got.get("ok"), dict)]
+                live = [d for d in docs if not d.get("_deleted")]
+                if live:
+                    # CouchDB's winner: the highest generation, then the highest rev string.
+                    live.sort(key=lambda d: (_generation(d["_rev"]), d["_rev"]), reverse=True)
+                    out[res["id"]] = [_record(res["id"], d) for d in live]
+        return out
+
+    def forked(self, limit: int) -> list[str]:
+        """A view over `_conflicts` (created on first use): the ids with sibling revisions."""
+        if not self.may_fork or limit <= 0:
+            return []
+        ddoc = f"{self._db}/_design/{_FORKS}"
+        if not self._forks_view:
+            view = {"views": {"ids": {"map": _FORKS_MAP}}}
+            self._call("PUT", ddoc, view, expect=(409,), db=self._db)  # 409: there already
+            self._forks_view = True
+        params = {"limit": str(limit)}
+        rows = self._call("GET", ddoc + "/_view/ids", params=params, db=self._db)["rows"]
+        return [row["id"] for row in rows]
+
+    def confirm(self, landed: Mapping[str, str]) -> set[str]:
+        """Re-read every id from all `n` replicas (`r=n`, `conflicts=true`).
+
+        A write that every replica took (201 with `w=n`) left its parent a leaf
+        nowhere, so no writer can fork it any more; if the re-read then shows
+        it as the only leaf, nothing can take its place. A 202 (a replica did
+        not take it: a node down or slow) is not confirmed: the engine checks
+        again later.
+        """
+        if not self.may_fork:
+            return set(landed)
+        with self._partial_lock:
+            partial = {id for id, rev in landed.items() if (id, rev) in self._partial}
+            self._partial.difference_update((id, landed[id]) for id in partial)
+        sure: set[str] = set()
+        params = {"include_docs": "true", "conflicts": "true", "r": str(self.n)}
+        todo = [id for id in landed if id not in partial]
+        for part in chunks(todo, CHUNK):
+            for row in self._rows(self._db, list(part), params):
+                doc = row.get("doc")
+                if (
+                    isinstance(doc, dict)
+                    and doc.get("_rev") == landed[row["id"]]
+                    and not doc.get("_conflicts")
+                ):
+                    sure.add(row["id"])
+        return sure
+
+    def put_many(self, writes: Sequence[Write]) -> list[str | CasernError | None]:
         """One `_bulk_docs` per chunk; a retried chunk never applies a write twice."""
         for w in writes:
             check_id(w.id)  # "_design/x" in _bulk_docs would create a design doc
-        results: list[str | None] = [None] * len(writes)
+        results: list[str | CasernError | None] = [None] * len(writes)
         for start in range(0, len(writes), CHUNK):
             part = writes[start : start + CHUNK]
             results[start : start + len(part)] = self._put_chunk(part)
@@ -274,8 +429,15 @@ class CouchDBStore(Store):
                 raise ValueError(f"a history entry needs an int seq >= 0, not {seq!r}")
             docs.append({**_clean(entry), "_id": _history_id(id, seq)})
         for part in chunks(docs, CHUNK):
-            # Creates without _rev: a resend after a lost answer just conflicts.
-            rows = self._call("POST", self._hdb + "/_bulk_docs", {"docs": list(part)}, db=self._hdb)
+            # Creates without _rev: a resend after a lost answer just conflicts. On a
+            # cluster every replica takes them (w=n), so any replica's _all_docs shows them.
+            rows = self._call(
+                "POST",
+                self._hdb + "/_bulk_docs",
+                {"docs": list(part)},
+                params=self._quorum(),
+                db=self._hdb,
+            )
             for row in rows:
                 if "error" in row and row["error"] != "conflict":
                     raise self._refused(row)
@@ -347,11 +509,15 @@ class CouchDBStore(Store):
 
     # -- find: the store-neutral query as Mango ---------------------------------
 
+    #: The state fields `ensure_indexes` indexed: an equality on one pages in id order.
+    _find_paths: frozenset[tuple[str, ...]] = frozenset()
+
     def ensure_indexes(self, fields: Sequence[tuple[str, ...]]) -> None:
         """One Mango index per state field, posted only if its design document is missing.
 
         Re-posting an existing index makes pouchdb-server rebuild it.
         """
+        self._find_paths = frozenset(fields)
         names = {_find_ddoc(path): path for path in fields}
         if not names:
             return
@@ -371,29 +537,69 @@ class CouchDBStore(Store):
                 self._call("POST", self._db + "/_index", index, db=self._db)
 
     def find(self, query: Query, *, limit: int, after: str | None = None) -> list[str]:
-        """All matches from `_find`, checked again here, then ordered and paged here.
+        """Matches from `_find`, each checked again with `matches`, in code point id order.
 
-        Mango returns index order, not id order, so a page costs the selector's
-        matches, not `limit`. Only the fields the query reads come back, and
-        `matches` checks them: pouchdb-server answers a superset for some
-        ranges (`$gt` read as `$gte` on an index). Sorting here gives code
-        point order on pouchdb-server too, whose own order is by UTF-16 unit.
+        Only the fields the query reads come back, and `matches` checks them, so
+        `_mango` may match more (pouchdb-server also answers a superset for some
+        ranges: `$gt` read as `$gte` on an index). String ranges of the top
+        `$and` keep the server's order (ICU collation on Apache CouchDB), which
+        it applied to every answer.
         """
-        fields = ["_id", *(_mango_field(p) for p in paths(query))]
-        body = {"selector": _mango(query), "fields": fields, "limit": _FIND_ALL}
-        docs = self._call("POST", self._db + "/_find", body, db=self._db)["docs"]
-        # String ranges keep the server's order (ICU collation on Apache CouchDB)
-        # where it applied them to every answer: the conditions of the top `$and`.
         pouch = self._high == "\uffff"
         decided = frozenset() if pouch else _string_ranges(query)
-        ids = sorted(d["_id"] for d in docs if matches(query, d.get("state", {}), decided))
+        request = _FindRequest(query, decided, ["_id", *map(_mango_field, paths(query))])
+        field = None if pouch else _indexed_equality(query, self._find_paths)
+        if field is not None:
+            found = self._find_by_index(request, field, limit, after)
+            if found is not None:
+                return found
+        return self._find_all(request, limit, after, pouch)
+
+    def _find_by_index(
+        self, request: _FindRequest, field: tuple[str, ...], limit: int, after: str | None
+    ) -> list[str] | None:
+        """Page an equality on an indexed field straight from its index, `limit` at a time.
+
+        Apache CouchDB orders index rows of one key by raw (code point) id, and
+        compares `_id` the same way; None if the server did not use the index.
+        """
+        ddoc = f"_design/{_find_ddoc(field)}"
+        out: list[str] = []
+        while True:
+            body = {
+                "selector": _after(request.selector, after),
+                "fields": request.fields,
+                "limit": limit,
+                "use_index": [ddoc, "state"],
+            }
+            answer = self._call("POST", self._db + "/_find", body, db=self._db)
+            if ddoc in str(answer.get("warning", "")):  # "... was not used because ..."
+                return None
+            docs = answer["docs"]
+            out.extend(d["_id"] for d in docs if request.matches(d))
+            if len(out) >= limit or len(docs) < limit:
+                return out[:limit]
+            after = docs[-1]["_id"]
+
+    def _find_all(
+        self, request: _FindRequest, limit: int, after: str | None, pouch: bool
+    ) -> list[str]:
+        """Every match, sorted here: Mango answers in index order, not id order.
+
+        A page then costs every match of the selector (after `after` on Apache
+        CouchDB; pouchdb-server compares `_id` by UTF-16 unit, so it gets none).
+        """
+        selector = request.selector if pouch else _after(request.selector, after)
+        body = {"selector": selector, "fields": request.fields, "limit": _FIND_ALL}
+        docs = self._call("POST", self._db + "/_find", body, db=self._db)["docs"]
+        ids = sorted(d["_id"] for d in docs if request.matches(d))
         if after is not None:
             ids = ids[bisect.bisect_right(ids, after) :]
         return ids[:limit]
 
     # -- writes ---------------------------------------------------------------
 
-    def _put_chunk(self, writes: Sequence[Write]) -> list[str | None]:
+    def _put_chunk(self, writes: Sequence[Write]) -> list[str | CasernError | None]:
         """Send one `_bulk_docs`, retrying only writes that provably did not land.
 
         After a transport error or 5xx the request may or may not have been
@@ -402,8 +608,21 @@ class CouchDBStore(Store):
         right after the one we wrote against) is our write, landed.
         """
         tokens = [secrets.token_hex(8) for _ in writes]
-        results: list[str | None] = [None] * len(writes)
-        todo = list(range(len(writes)))
+        results: list[str | CasernError | None] = [None] * len(writes)
+        # Each document encoded (and measured) alone: one that cannot be sent
+        # is refused by itself, the others still go.
+        encoded: dict[int, bytes] = {}
+        for i, w in enumerate(writes):
+            body = {**_clean(w.doc), TOKEN: tokens[i], "_id": w.id}
+            if w.rev is not None:
+                body["_rev"] = w.rev
+            try:
+                encoded[i] = self._encode_doc(w.id, body)
+            except InvalidState as e:
+                results[i] = e
+        todo = list(encoded)
+        if not todo:
+            return results
         check = False
         failure = ""
         for attempt in range(self._retries + 1):
@@ -415,14 +634,27 @@ class CouchDBStore(Store):
                     check = False
                     if not todo:
                         return results
-                docs = []
-                for i in todo:
-                    w = writes[i]
-                    body = {**_clean(w.doc), TOKEN: tokens[i], "_id": w.id}
-                    if w.rev is not None:
-                        body["_rev"] = w.rev
-                    docs.append(body)
-                rows = self._once("POST", self._db + "/_bulk_docs", {"docs": docs})
+                docs = b'{"docs":[' + b",".join(encoded[i] for i in todo) + b"]}"
+                status: list[int] = []
+                rows = self._once(
+                    "POST",
+                    self._db + "/_bulk_docs",
+                    docs,
+                    params=self._quorum(),
+                    status=status,
+                )
+                if status and status[0] == 202 and self.may_fork:
+                    self._note_partial(
+                        (row["id"], row["rev"]) for row in rows if "error" not in row
+                    )
+            except _TooLarge as exc:  # CouchDB measured more than we did: refuse that one
+                named = [i for i in todo if writes[i].id == exc.id] or todo
+                for i in named:
+                    results[i] = self._too_large(writes[i].id, len(encoded[i]))
+                todo = [i for i in todo if i not in named]
+                if not todo:
+                    return results
+                continue
             except _Retry as exc:
                 failure, check = exc.what, check or exc.sent
                 continue
@@ -430,23 +662,51 @@ class CouchDBStore(Store):
                 self._create(self._db)
                 failure = "the database was missing and has been created again"
                 continue
-            errors = []
-            for i, row in zip(todo, rows, strict=True):
+            order = _by_id(writes, todo, rows)
+            self._drop(
+                [writes[i] for i, row in zip(order, rows, strict=True) if "error" not in row]
+            )
+            for i, row in zip(order, rows, strict=True):
                 if "error" not in row:
                     results[i] = row["rev"]
-                elif row["error"] != "conflict":
-                    errors.append(row)
-            if errors:
-                raise self._refused(errors[0], more=len(errors) - 1)
+                elif row["error"] != "conflict":  # about this document only (a validation)
+                    results[i] = InvalidState(str(self._refused(row)))
             return results
         raise self._unavailable(failure)
+
+    def _drop(self, landed: Sequence[Write]) -> None:
+        """Delete the siblings merged into writes that landed (best effort).
+
+        Not in the same request as the merged write: were that write refused
+        while a deletion went through, the sibling's changes would be gone. A
+        sibling left behind (moved on, or this request failed) is still a
+        conflict and is merged again; its actions are journaled, so none is
+        applied twice.
+        """
+        drops = [{"_id": w.id, "_rev": rev, "_deleted": True} for w in landed for rev in w.drop]
+        if not drops:
+            return
+        try:
+            self._call("POST", self._db + "/_bulk_docs", {"docs": drops}, db=self._db)
+        except StoreUnavailable as e:
+            log.warning("CouchDB at %s: merged siblings not deleted yet (%s)", self.url, e)
+
+    def _quorum(self) -> dict[str, str] | None:
+        """Write parameters: on a cluster, every replica must take a write for a 201."""
+        return {"w": str(self.n)} if self.may_fork else None
+
+    def _note_partial(self, pairs: Any) -> None:
+        with self._partial_lock:
+            if len(self._partial) > 100_000:  # never confirmed: forget the oldest guesses
+                self._partial.clear()
+            self._partial.update(pairs)
 
     def _reconcile(
         self,
         writes: Sequence[Write],
         tokens: list[str],
         todo: list[int],
-        results: list[str | None],
+        results: list[str | CasernError | None],
     ) -> list[int]:
         """Settle writes that landed (their rev into `results`); return the rest."""
         current = {}
@@ -473,7 +733,7 @@ class CouchDBStore(Store):
         writes: Sequence[Write],
         tokens: list[str],
         unsure: list[int],
-        results: list[str | None],
+        results: list[str | CasernError | None],
     ) -> None:
         """Decide writes whose doc moved on: did ours land first, then get overwritten?
 
@@ -525,10 +785,12 @@ class CouchDBStore(Store):
 
     # -- reads ----------------------------------------------------------------
 
-    def _rows(self, db: str, keys: list[str]) -> list[dict[str, Any]]:
+    def _rows(
+        self, db: str, keys: list[str], params: dict[str, str] | None = None
+    ) -> list[dict[str, Any]]:
         body = {"keys": keys}
         rows: list[dict[str, Any]] = self._call(
-            "POST", db + "/_all_docs", body, params={"include_docs": "true"}, db=db
+            "POST", db + "/_all_docs", body, params=params or {"include_docs": "true"}, db=db
         )["rows"]
         return rows
 
@@ -616,13 +878,17 @@ class CouchDBStore(Store):
         *,
         params: dict[str, str] | None = None,
         expect: tuple[int, ...] = (),
+        status: list[int] | None = None,
     ) -> Any:
-        """One request, no retry: JSON, or `_Retry` / `_MissingDB` / `StoreUnavailable`."""
+        """One request, no retry: JSON, or `_Retry` / `_MissingDB` / `StoreUnavailable`.
+
+        `status`, if given, receives the HTTP status of a successful answer.
+        """
         try:
             resp = self._client.request(
                 method,
                 path,
-                content=None if body is None else _dumps(body),
+                content=body if body is None or isinstance(body, bytes) else _dumps(body),
                 params=params,
             )
         except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
@@ -630,25 +896,52 @@ class CouchDBStore(Store):
         except httpx.TransportError as exc:
             # Sent, maybe applied, answer lost (ReadError, ReadTimeout ...).
             raise _Retry(self._scrub(f"{type(exc).__name__}: {exc}"), sent=True) from None
-        status = resp.status_code
-        if status < 400 or status in expect:
+        status_code = resp.status_code
+        if status is not None:
+            status.append(status_code)
+        if status_code < 400 or status_code in expect:
             try:
                 return resp.json()
             except ValueError:
-                raise _Retry(f"a non-JSON answer ({status})", sent=True) from None
+                raise _Retry(f"a non-JSON answer ({status_code})", sent=True) from None
         try:
             err = resp.json()
         except ValueError:
             err = {}
         if not isinstance(err, dict):
             err = {}
-        if status == 404 and path != "/":
+        if status_code == 404 and path != "/":
             # Every path we use is a database endpoint: 404 means no database
             # (CouchDB: "Database does not exist.", pouchdb-server: "no_db_file").
             raise _MissingDB()
-        if status >= 500 and err.get("error") not in _PERMANENT:
-            raise _Retry(f"HTTP {status} {err.get('error', '')}".strip(), sent=True)
-        raise self._refused(err, status=status)
+        if status_code == 413 and err.get("error") == "document_too_large":
+            raise _TooLarge(str(err.get("reason", "")))
+        if status_code >= 500 and err.get("error") not in _PERMANENT:
+            raise _Retry(f"HTTP {status_code} {err.get('error', '')}".strip(), sent=True)
+        raise self._refused(err, status=status_code)
+
+    def _read_max_document_size(self) -> int:
+        """The server's `[couchdb] max_document_size`; its default if unset or not readable."""
+        try:
+            resp = self._client.get("/_node/_local/_config/couchdb/max_document_size")
+            if resp.status_code == 200:
+                return int(resp.json())
+        except (httpx.HTTPError, ValueError, TypeError):
+            pass
+        return DEFAULT_MAX_DOCUMENT_SIZE
+
+    def _encode_doc(self, id: str, body: Doc) -> bytes:
+        """One document as UTF-8 JSON, or `InvalidState` if it cannot be sent or is too big."""
+        try:
+            data = _dumps(body)
+        except (TypeError, ValueError, RecursionError) as e:  # UnicodeEncodeError is a ValueError
+            raise InvalidState(f"the envelope of {id!r:.80} cannot be stored: {e}") from None
+        if self.max_document_size is not None and len(data) > self.max_document_size:
+            raise self._too_large(id, len(data))
+        return data
+
+    def _too_large(self, id: str, size: int) -> InvalidState:
+        return too_large(id, size, self.max_document_size or 0, f"CouchDB at {self.url}")
 
     def _pause(self, attempt: int, failure: str) -> None:
         delay = min(5.0, 0.1 * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)

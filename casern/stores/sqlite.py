@@ -14,6 +14,7 @@ import json
 import os
 import random
 import sqlite3
+import tempfile
 import threading
 import time
 import weakref
@@ -21,9 +22,9 @@ from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from .._errors import StoreUnavailable
+from .._errors import CasernError, InvalidState, StoreUnavailable
 from .._query import RANGES, All, AnyOf, Cond, Query, Scalar
-from .base import Doc, Record, Store, Write, chunks, index_fields
+from .base import Doc, Record, Store, Write, chunks, index_fields, too_large
 
 __all__ = ["SQLiteStore"]
 
@@ -59,14 +60,25 @@ _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 
 class SQLiteStore(Store):
-    """Envelopes in one SQLite file (or in memory for `sqlite://`)."""
+    """Envelopes in one SQLite file (or in memory for `sqlite://`).
+
+    `max_document_size` (bytes of JSON per envelope) lowers SQLite's own limit.
+    """
 
     atomic_history = True
 
-    def __init__(self, url: str = "sqlite:///casern.db", *, busy_timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        url: str = "sqlite:///casern.db",
+        *,
+        busy_timeout: float = 30.0,
+        max_document_size: int | None = None,
+    ) -> None:
         parts = urlsplit(url)
-        if parts.scheme != "sqlite":
-            raise ValueError(f"not an sqlite URL: {url!r}; use sqlite:///relative.db")
+        if parts.scheme != "sqlite" or not url[len("sqlite:") :].startswith("//"):
+            raise ValueError(
+                f"not an sqlite URL: {url!r}; use sqlite:///relative.db or sqlite:////abs.db"
+            )
         # sqlite:///rel.db -> path "/rel.db" (relative), sqlite:////abs.db -> "//abs.db".
         path = unquote(parts.path)
         if parts.netloc:
@@ -105,10 +117,20 @@ class SQLiteStore(Store):
                 isolation_level=None,  # we issue BEGIN/COMMIT ourselves
                 check_same_thread=False,
             )
+            # SQLite's own limit on one value (1,000,000,000 bytes unless compiled otherwise).
+            limit = self._db.getlimit(sqlite3.SQLITE_LIMIT_LENGTH)
+            self.max_document_size: int = min(limit, max_document_size or limit)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute(f"PRAGMA synchronous={synchronous.upper()}")
             self._retry(self._create_schema)
         except sqlite3.Error as e:
+            folder = os.path.dirname(os.path.abspath(self.path))
+            if self.path != ":memory:" and not _writable(folder):
+                raise StoreUnavailable(
+                    f"cannot open {url}: the folder {folder} is not writable (SQLite keeps"
+                    " the database and its -wal and -shm files there); pick a writable"
+                    " folder or change its permissions"
+                ) from e
             raise StoreUnavailable(f"cannot open {url}: {e}") from e
 
     def _create_schema(self) -> None:
@@ -190,12 +212,27 @@ class SQLiteStore(Store):
                 found[id] = Record(id, str(rev), json.loads(doc))
         return found
 
-    def put_many(self, writes: Sequence[Write]) -> list[str | None]:
-        def run(db: sqlite3.Connection) -> list[str | None]:
-            revs: list[str | None] = []
-            for w in writes:
+    def put_many(self, writes: Sequence[Write]) -> list[str | CasernError | None]:
+        # Encoded before the transaction: one row that cannot be written is
+        # refused alone instead of rolling back everybody's writes.
+        results: list[str | CasernError | None] = [None] * len(writes)
+        rows: list[tuple[int, str, list[tuple[str, int, str]]]] = []
+        for i, w in enumerate(writes):
+            try:
+                doc = self._text(w.id, w.doc)
+                history = [(w.id, h["seq"], self._text(w.id, h)) for h in w.history]
+            except CasernError as e:
+                results[i] = e
+                continue
+            rows.append((i, doc, history))
+
+        def run(db: sqlite3.Connection) -> list[str | CasernError | None]:
+            landed: list[tuple[str, int, str]] = []
+            for i, _, _ in rows:  # a retry after a busy error starts over
+                results[i] = None
+            for i, doc, history in rows:
+                w = writes[i]
                 next_due, pending_since, nfailed = index_fields(w.doc)
-                doc = _dumps(w.doc)
                 if w.rev is None:
                     cur = db.execute(
                         "INSERT OR IGNORE INTO machines"
@@ -212,17 +249,27 @@ class SQLiteStore(Store):
                         (int(rev), doc, next_due, pending_since, nfailed, w.id, int(w.rev)),
                     )
                 if cur.rowcount != 1:
-                    revs.append(None)
                     continue
-                if w.history:
-                    db.executemany(
-                        "INSERT OR IGNORE INTO history (id, seq, entry) VALUES (?, ?, ?)",
-                        [(w.id, h["seq"], _dumps(h)) for h in w.history],
-                    )
-                revs.append(rev)
-            return revs
+                landed.extend(history)
+                results[i] = rev
+            if landed:  # one statement for the history rows of the whole group commit
+                db.executemany(
+                    "INSERT OR IGNORE INTO history (id, seq, entry) VALUES (?, ?, ?)", landed
+                )
+            return results
 
-        return self._transaction(run) if writes else []
+        return self._transaction(run) if rows else results
+
+    def _text(self, id: str, doc: Doc) -> str:
+        """`doc` as JSON text this file can hold, or the `InvalidState` that says why not."""
+        try:
+            text = _dumps(doc)
+            size = len(text) if text.isascii() else len(text.encode("utf-8"))
+        except (TypeError, ValueError, RecursionError) as e:  # UnicodeEncodeError is a ValueError
+            raise InvalidState(f"the envelope of {id!r:.80} cannot be stored: {e}") from None
+        if size > self.max_document_size:
+            raise too_large(id, size, self.max_document_size, "SQLite")
+        return text
 
     def put_history(self, id: str, entries: Sequence[Doc]) -> None:
         if not entries:
@@ -436,3 +483,12 @@ class _Reader:
 
     def __del__(self) -> None:
         self.db.close()
+
+
+def _writable(directory: str) -> bool:
+    """Whether a file can be created in `directory` (os.access says yes to root everywhere)."""
+    try:
+        with tempfile.TemporaryFile(dir=directory):
+            return True
+    except OSError:
+        return False
