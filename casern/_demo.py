@@ -114,11 +114,16 @@ def idle_due(preferences: Mapping[str, Any], state: State) -> float | None:
 
 
 def enqueue(preferences: Mapping[str, Any], state: State, data: Any) -> State:
-    """The helpdesk machine: a queue of escalated conversations for humans."""
-    waiting: list[str] = state.setdefault("waiting", [])
-    if data["conversation"] not in waiting:
-        waiting.append(data["conversation"])
-    state["count"] = len(waiting)
+    """The helpdesk machine: how many conversations were escalated, and the latest few.
+
+    A state is one document, rewritten (and copied into the outbox) on every change,
+    so it stays small: the whole queue is a query, `find({"status": "escalated"})`,
+    not a list that grows with every escalation. (`change.send`'s derived key makes
+    a redelivered handoff count once.)
+    """
+    latest = [c for c in state.get("latest", []) if c != data["conversation"]]
+    state["latest"] = [*latest, data["conversation"]][-10:]
+    state["count"] = state.get("count", 0) + 1
     return state
 
 

@@ -232,6 +232,9 @@ class Engine:
         self.keep_keys = keep_keys
         self.max_conflicts = max_conflicts
         self.ack_delay = ack_delay
+        # Well within `redeliver_after`, so that other processes never see a
+        # delivered change as stale for want of its acknowledgement.
+        self.ack_patience = max(ack_delay, min(2.0, (redeliver_after or 0.0) / 4))
         self.redeliver_after = redeliver_after
         # Redelivering a stale change first writes a claim into its entry (revision-
         # checked): other live processes leave it alone for `redeliver_after`, the
@@ -482,9 +485,11 @@ class Engine:
             if not self._acks:
                 return batch, flushes
             # Acknowledgements ride along with the next write of their id, or go
-            # out in a sweep once `ack_delay` old (or on flush): under steady load
-            # too, else they pile up, and the outbox with them.
+            # out in a sweep once `ack_delay` old when quiet (or on flush). Under
+            # steady load they wait a little longer for a ride, but not forever:
+            # else they pile up, and the outbox with them.
             ids = {a.id for a in batch}
+            patience = self.ack_patience if ids else self.ack_delay
             for id in ids & self._acks.keys():
                 batch.append(self._ack_action(id))
             # A flush sweeps every deferred ack, batch after batch, not just one batch.
@@ -494,7 +499,7 @@ class Engine:
             while self._acks and room > 0:
                 room -= 1
                 id, (_, _, since) = next(iter(self._acks.items()))
-                if not (sweep or now - since >= self.ack_delay):
+                if not (sweep or now - since >= patience):
                     break  # acks are in arrival order: the rest are younger
                 batch.append(self._ack_action(id))
             if not self._acks:

@@ -163,3 +163,15 @@ def test_an_async_listener_that_blocks_the_loop_is_named_in_a_warning(
     [warning] = [r.getMessage() for r in caplog.records if "blocked the event" in r.getMessage()]
     assert "async listener 'sleepy' blocked the event loop for" in warning
     assert "test_lifetime.py" in warning and "asyncio.to_thread" in warning
+
+
+def test_the_readme_testing_snippet_runs_as_written() -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("## Testing your reducers and listeners", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    namespace: dict[str, Any] = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    tests = [fn for name, fn in namespace.items() if name.startswith("test_")]
+    assert len(tests) == 3
+    for test in tests:
+        test()
