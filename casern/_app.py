@@ -42,6 +42,7 @@ from ._engine import (
 from ._errors import CasernError, InvalidData, ReducerError, UnknownReducer
 from ._ids import check_id
 from ._json import dumps, encodable
+from ._outbox import unpack
 from ._types import Listener, Reducer, State, Timer, Upgrade
 from .stores import Store, open_store
 
@@ -389,7 +390,7 @@ class Casern:
         deliveries = [
             Delivery(id, entry)
             for id, rec in self.store.get_many(ids).items()
-            for entry in rec.doc.get("pending", ())
+            for entry in unpack(rec.doc)
             if entry["at"] <= before and not self._dispatcher.inflight(id, entry["seq"])
         ]
         if deliveries:

@@ -34,6 +34,7 @@ from ._errors import (
     UpgradeError,
 )
 from ._json import Refusal, dumps, encodable, to_json
+from ._outbox import pack, unpack
 from ._types import Reducer, Timer, Upgrade
 from .stores.base import Doc, Record, Store, Write
 
@@ -602,7 +603,7 @@ class Engine:
         keys: list[str] = list(doc.get("keys", ()))
         due: dict[str, float] = dict(doc.get("due", {}))
         fired: dict[str, float] = dict(doc.get("fired", {}))
-        pending: list[Doc] = list(doc.get("pending", ()))
+        pending: list[Doc] = unpack(doc)
         log_: list[Doc] = list(doc.get("log", ()))
         if self.log_chunk and len(log_) >= self.log_chunk:
             plan.flush_log, log_ = log_, []
@@ -751,7 +752,7 @@ class Engine:
             new_doc["log"] = log_
         if pending:
             pending.sort(key=lambda e: e["seq"])
-            new_doc["pending"] = pending
+            new_doc["pending"] = pack(pending, seq)
             new_doc["pending_since"] = min(e["at"] for e in pending)
         if failed:
             new_doc["failed"] = failed

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 import casern
-from casern._json import MAX_DEPTH, MAX_SAFE_INTEGER
+from casern._json import MAX_DEPTH, MAX_SAFE_INTEGER, dumps
 from casern.stores.base import Store, Write
 from casern.stores.couchdb import DEFAULT_MAX_DOCUMENT_SIZE, CouchDBStore
 from casern.stores.sqlite import SQLiteStore
@@ -233,6 +233,51 @@ def test_an_envelope_over_the_limit_fails_only_its_own_id(
     assert app.drain(timeout=60)
     assert app.get("m") == committed[-1]
     assert [h["seq"] for h in app.history("m")] == list(range(1, len(committed) + 1))
+
+
+def test_pending_changes_keep_each_state_once_and_listeners_still_get_prev_and_state(
+    make_app: MakeApp,
+) -> None:
+    release = threading.Event()
+    first: list[tuple[int, Any, Any]] = []
+    second: list[tuple[int, Any, Any]] = []
+
+    def stuck(change: casern.Change) -> None:
+        first.append((change.seq, change.prev, change.state))
+        release.wait(10)
+        raise RuntimeError("interrupted")
+
+    def fill(preferences: Any, state: dict[str, Any], data: Any) -> dict[str, Any]:
+        return {"v": data * 1_000}
+
+    reducers = {"fill": fill}
+    app1 = make_app(reducers, {"l": stuck}, backoff=casern.Backoff(initial=5, timeout=30))
+    big = {c: c * 1_000 for c in "abcd"}
+    for c in "abc":
+        app1.send("fill", "m", c)
+    envelope = app1.store.get("m")
+    assert envelope is not None
+    stored = dumps(envelope.doc)
+    # Three changes pending: the envelope holds states a, b, c once each (was twice).
+    assert [stored.count(big[c]) for c in "abc"] == [1, 1, 1]
+    time.sleep(0.2)
+    app1.close(timeout=0.1)  # the deliveries stay in the outbox
+    release.set()
+    app2 = make_app(
+        reducers, {"l": lambda c: second.append((c.seq, c.prev, c.state))}, redeliver_after=0.0
+    )
+    app2.run_once()
+    assert app2.drain(10)
+    expected = [
+        (1, {}, {"v": big["a"]}),
+        (2, {"v": big["a"]}, {"v": big["b"]}),
+        (3, {"v": big["b"]}, {"v": big["c"]}),
+    ]
+    assert first[:1] == expected[:1]
+    assert second == expected
+    app2.send("fill", "m", "d")  # acknowledged and new entries pack again
+    assert app2.drain(10)
+    assert second[-1] == (4, {"v": big["c"]}, {"v": big["d"]})
 
 
 @pytest.mark.couchdb
