@@ -1,9 +1,10 @@
 """The dispatcher: runs listeners after the commit, per id and listener in seq order.
 
-Deliveries run on one asyncio loop in a background thread: a lane per
-(id, listener) awaits one change at a time, so a slow or failing listener holds
-back only its own lane. Plain listeners run in a thread pool, `async def` ones on
-the loop; both are bounded by `Backoff.timeout`. When every listener of a change
+A lane per (id, listener) runs one change at a time, so a slow or failing
+listener holds back only its own lane. Plain listeners run in a small bounded
+pool of threads (`_threads.LanePool`) that takes a burst of changes per wake-up
+and shrinks when idle; `async def` ones run on an asyncio loop in a background
+thread. Both are bounded by `Backoff.timeout`. When every listener of a change
 has finished (or given up), the engine acknowledges it, which removes the
 change from the outbox.
 """
@@ -27,7 +28,7 @@ from ._backoff import Backoff
 from ._change import Change
 from ._engine import Delivery, Engine
 from ._json import dumps
-from ._threads import DaemonPool
+from ._threads import LanePool
 from ._types import Listener
 from .stores.base import Doc
 
@@ -66,16 +67,16 @@ class Dispatcher:
         self._idle = threading.Condition()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
-        self._pool: DaemonPool | None = None
+        self._pool: LanePool[tuple[str, str], _Job] | None = None
         self._lock = threading.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
-        self._incoming: list[Delivery] = []
+        self._incoming: list[tuple[str, _Job]] = []  # (async listener, job) for the loop
+        self._async = {n for n, f in self.listeners.items() if inspect.iscoroutinefunction(f)}
 
     # -- thread-safe entry points -------------------------------------------------------
 
     def submit(self, deliveries: list[Delivery]) -> None:
         """Accept committed changes (from the committer, or a recovery sweep)."""
-        loop = self._ensure_loop()
         fresh: list[Delivery] = []
         with self._idle:
             for d in deliveries:
@@ -87,12 +88,28 @@ class Dispatcher:
                 fresh.append(d)
         if not fresh:
             return
-        # Wake the loop only for the first of a burst: waking costs a syscall.
-        with self._lock:
-            wake = not self._incoming
-            self._incoming.extend(fresh)
-        if wake:
-            loop.call_soon_threadsafe(self._take_incoming)
+        plain: list[tuple[tuple[str, str], _Job]] = []
+        coros: list[tuple[str, _Job]] = []
+        for d in fresh:
+            names = [n for n in d.entry.get("listeners") or self.listeners if n in self.listeners]
+            job = _Job(d.id, d.entry, len(names))
+            if not names:
+                self._finish(job)
+            for name in names:
+                if name in self._async:
+                    coros.append((name, job))
+                else:
+                    plain.append(((d.id, name), job))
+        if plain:
+            self._ensure_pool().put_many(plain)
+        if coros:
+            loop = self._ensure_loop()
+            # Wake the loop only for the first of a burst: waking costs a syscall.
+            with self._lock:
+                wake = not self._incoming
+                self._incoming.extend(coros)
+            if wake:
+                loop.call_soon_threadsafe(self._take_incoming)
 
     def _take_incoming(self) -> None:
         with self._lock:
@@ -117,22 +134,23 @@ class Dispatcher:
 
         Abandoned changes stay in the outbox; a later `start()` delivers them.
         """
-        if self._loop is None:
+        if self._loop is None and self._pool is None:
             return
         self.wait_idle(timeout)
-        loop = self._loop
-
-        async def cancel() -> None:
-            for task in list(self._tasks):
-                task.cancel()
-            await asyncio.gather(*self._tasks, return_exceptions=True)
-
-        asyncio.run_coroutine_threadsafe(cancel(), loop).result(timeout=max(timeout, 1.0))
-        loop.call_soon_threadsafe(loop.stop)
-        if self._thread is not None:
-            self._thread.join(timeout=5)
         if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool.shutdown()
+        loop = self._loop
+        if loop is not None:
+
+            async def cancel() -> None:
+                for task in list(self._tasks):
+                    task.cancel()
+                await asyncio.gather(*self._tasks, return_exceptions=True)
+
+            asyncio.run_coroutine_threadsafe(cancel(), loop).result(timeout=max(timeout, 1.0))
+            loop.call_soon_threadsafe(loop.stop)
+            if self._thread is not None:
+                self._thread.join(timeout=5)
         self._loop = self._thread = self._pool = None
         with self._idle:
             self._jobs = 0
@@ -141,7 +159,50 @@ class Dispatcher:
             self._incoming.clear()
             self._idle.notify_all()
 
-    # -- the loop thread ----------------------------------------------------------------
+    # -- plain listeners: a bounded pool of threads ---------------------------------------
+
+    def _ensure_pool(self) -> LanePool[tuple[str, str], _Job]:
+        pool = self._pool
+        if pool is None:
+            with self._lock:
+                if self._pool is None:
+                    self._pool = LanePool(
+                        "casern-listener",
+                        self._call_plain,
+                        self._settle_plain,
+                        timeout=self.backoff.timeout,
+                    )
+                pool = self._pool
+        return pool
+
+    def _call_plain(self, lane: tuple[str, str], job: _Job) -> list[Future[Any]]:
+        """One call of a plain listener, in a pool thread; returns the sends it queued."""
+        name = lane[1]
+        sent: list[Future[Any]] = []
+        result = self.listeners[name](self._change(job, name, sent))
+        if inspect.isawaitable(result):
+            asyncio.run_coroutine_threadsafe(_wait(result), self._ensure_loop()).result()
+        return sent
+
+    def _settle_plain(
+        self, lane: tuple[str, str], job: _Job, attempt: int, outcome: Any
+    ) -> float | None:
+        """After one call: None once the job is done with this listener, else a retry delay."""
+        name = lane[1]
+        if not isinstance(outcome, BaseException):
+            try:  # the change counts as delivered only once the sends it queued are durable
+                for fut in outcome:
+                    fut.result()
+            except Exception as e:
+                outcome = e
+        if isinstance(outcome, Exception):
+            delay = self._failure(job, name, attempt, outcome)
+            if delay is not None:
+                return delay
+        self._lane_done(job)
+        return None
+
+    # -- async listeners: the loop thread -------------------------------------------------
 
     def _ensure_loop(self) -> asyncio.AbstractEventLoop:
         if self._loop is not None:
@@ -149,7 +210,6 @@ class Dispatcher:
         with self._lock:
             if self._loop is None:
                 loop = asyncio.new_event_loop()
-                self._pool = DaemonPool("casern-listener")
                 ready = threading.Event()
 
                 def run() -> None:
@@ -163,19 +223,13 @@ class Dispatcher:
                 self._loop = loop
         return self._loop
 
-    def _accept(self, deliveries: list[Delivery]) -> None:
-        for d in deliveries:
-            names = d.entry.get("listeners") or list(self.listeners)
-            names = [n for n in names if n in self.listeners]
-            job = _Job(d.id, d.entry, len(names))
-            if not names:
-                self._spawn(self._finish(job))
-            for name in names:
-                lane = self._lanes.get((d.id, name))
-                if lane is None:
-                    lane = self._lanes[(d.id, name)] = deque()
-                    self._spawn(self._run_lane(d.id, name, lane))
-                lane.append(job)
+    def _accept(self, incoming: list[tuple[str, _Job]]) -> None:
+        for name, job in incoming:
+            lane = self._lanes.get((job.id, name))
+            if lane is None:
+                lane = self._lanes[(job.id, name)] = deque()
+                self._spawn(self._run_lane(job.id, name, lane))
+            lane.append(job)
 
     def _spawn(self, coro: Awaitable[None]) -> None:
         task: asyncio.Task[None] = asyncio.ensure_future(coro)
@@ -188,62 +242,89 @@ class Dispatcher:
                 job = lane[0]
                 await self._deliver(job, name)
                 lane.popleft()
-                job.remaining -= 1
-                if job.remaining == 0:
-                    await self._finish(job)
+                self._lane_done(job)
         finally:
             self._lanes.pop((id, name), None)
 
-    async def _finish(self, job: _Job) -> None:
+    async def _deliver(self, job: _Job, name: str) -> None:
+        for attempt in range(1, self.backoff.attempts + 1):
+            try:
+                await self._call_async(job, name)
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                delay = self._failure(job, name, attempt, e)
+                if delay is None:
+                    return
+                await asyncio.sleep(delay)
+
+    async def _call_async(self, job: _Job, name: str) -> None:
+        sent: list[Future[Any]] = []
+        change = self._change(job, name, sent)
+        # asyncio.timeout, not wait_for: no extra task per call on this hot path.
+        async with asyncio.timeout(self.backoff.timeout):
+            result = self.listeners[name](change)
+            if inspect.isawaitable(result):
+                await result
+        # The change counts as delivered only once the sends it queued are durable.
+        for fut in sent:
+            await asyncio.wrap_future(fut)
+
+    # -- both kinds -----------------------------------------------------------------------
+
+    def _lane_done(self, job: _Job) -> None:
+        """One listener is done with `job`; the last one acknowledges it."""
+        with self._lock:
+            job.remaining -= 1
+            last = job.remaining == 0
+        if last:
+            self._finish(job)
+
+    def _finish(self, job: _Job) -> None:
         self.engine.ack(job.id, job.entry["seq"], job.failed)
         with self._idle:
             self._jobs -= 1
             if self._jobs == 0:
                 self._idle.notify_all()
 
-    async def _deliver(self, job: _Job, name: str) -> None:
-        listener = self.listeners[name]
+    def _failure(self, job: _Job, name: str, attempt: int, e: Exception) -> float | None:
+        """Log a failed call; the delay before the next attempt, or None after the last."""
         b = self.backoff
-        for attempt in range(1, b.attempts + 1):
-            try:
-                await self._call_once(job, name, listener)
-                return
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:
-                if isinstance(e, TimeoutError):
-                    error = f"TimeoutError: ran longer than Backoff.timeout={b.timeout}s"
-                else:
-                    error = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
-                if attempt == b.attempts:
-                    log.error(
-                        "listener %r gave up on %r seq %s after %d attempts: %s",
-                        name,
-                        job.id,
-                        job.entry["seq"],
-                        attempt,
-                        error,
-                    )
-                    failed = {k: v for k, v in job.entry.items() if k != "listeners"}
-                    failed.update(listener=name, error=error, attempts=attempt)
-                    job.failed.append(failed)
-                    return
-                delay = b.delay(attempt)
-                log.warning(
-                    "listener %r failed on %r seq %s (attempt %d of %d): %s; retrying in %.2fs",
-                    name,
-                    job.id,
-                    job.entry["seq"],
-                    attempt,
-                    b.attempts,
-                    error,
-                    delay,
-                )
-                await asyncio.sleep(delay)
+        if isinstance(e, TimeoutError):
+            error = f"TimeoutError: ran longer than Backoff.timeout={b.timeout}s"
+        else:
+            error = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+        if attempt >= b.attempts:
+            log.error(
+                "listener %r gave up on %r seq %s after %d attempts: %s",
+                name,
+                job.id,
+                job.entry["seq"],
+                attempt,
+                error,
+            )
+            failed = {k: v for k, v in job.entry.items() if k != "listeners"}
+            failed.update(listener=name, error=error, attempts=attempt)
+            with self._lock:
+                job.failed.append(failed)
+            return None
+        delay = b.delay(attempt)
+        log.warning(
+            "listener %r failed on %r seq %s (attempt %d of %d): %s; retrying in %.2fs",
+            name,
+            job.id,
+            job.entry["seq"],
+            attempt,
+            b.attempts,
+            error,
+            delay,
+        )
+        return delay
 
-    async def _call_once(self, job: _Job, name: str, listener: Listener) -> None:
+    def _change(self, job: _Job, name: str, sent: list[Future[Any]]) -> Change:
+        """The `Change` one listener gets: its own copies, and a `send` that records futures."""
         entry = job.entry
-        sent: list[Future[Any]] = []
         count = 0
 
         def send(reducer: str, id: str, data: Any = None) -> None:
@@ -255,7 +336,7 @@ class Dispatcher:
             key = "casern:" + hashlib.blake2b(origin, digest_size=12).hexdigest()
             sent.append(self._send(reducer, id, data, key))
 
-        change = Change(
+        return Change(
             id=job.id,
             reducer=entry["reducer"],
             data=_copy(entry["data"]),
@@ -269,18 +350,10 @@ class Dispatcher:
             send=send,
             listener=name,
         )
-        # asyncio.timeout, not wait_for: no extra task per call on this hot path.
-        async with asyncio.timeout(self.backoff.timeout):
-            if inspect.iscoroutinefunction(listener):
-                await listener(change)
-            else:
-                loop = asyncio.get_running_loop()
-                result = await loop.run_in_executor(self._pool, listener, change)
-                if inspect.isawaitable(result):
-                    await result
-        # The change counts as delivered only once the sends it queued are durable.
-        for fut in sent:
-            await asyncio.wrap_future(fut)
+
+
+async def _wait(awaitable: Awaitable[Any]) -> Any:
+    return await awaitable
 
 
 def _copy(value: Any) -> Any:

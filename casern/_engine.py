@@ -319,8 +319,9 @@ class Engine:
 
     def _run(self) -> None:
         """The committer thread: leads when kicked, or when a retry or a sweep is due."""
+        wait = self._wait_time()
         while True:
-            self._kick.wait(self._wait_time())
+            self._kick.wait(wait)
             self._kick.clear()
             with self._lock:
                 stopping = self._stopping
@@ -331,8 +332,10 @@ class Engine:
                 if stopping:
                     time.sleep(0.001)
                     self._kick.set()
+                wait = 1.0  # not a spin: the sender kicks when it leaves (see `_lead`)
                 continue
             self._lead(None)
+            wait = self._wait_time()
             if stopping:
                 with self._lock:
                     if not (self._queue or self._retries or self._acks):
@@ -363,7 +366,7 @@ class Engine:
             self._here.leading = False
             with self._lock:
                 self._leading = False
-                more = bool(self._queue) or (own is not None and bool(self._retries or self._acks))
+                more = bool(self._queue) or (own is not None and self._overdue())
             if more:
                 self._kick.set()
 
@@ -395,6 +398,17 @@ class Engine:
                     break  # acks are in arrival order: the rest are younger
                 batch.append(self._ack_action(id))
         return batch, flushes
+
+    def _overdue(self) -> bool:
+        """Work the committer thread must see: retries, or a due acknowledgement sweep.
+
+        A sender that leaves only young acknowledgements behind does not wake
+        the committer: it wakes by itself when the oldest one is due.
+        """
+        if self._retries:  # rare (write conflicts): the committer times them
+            return True
+        since = next(iter(self._acks.values()))[2] if self._acks else math.inf
+        return since + self.ack_delay <= time.monotonic()
 
     def _ack_action(self, id: str) -> Action:
         seqs, fails, _ = self._acks.pop(id)
@@ -753,13 +767,28 @@ class Engine:
         if pending:
             pending.sort(key=lambda e: e["seq"])
             new_doc["pending"] = pack(pending, seq)
-            new_doc["pending_since"] = min(e["at"] for e in pending)
+            new_doc["pending_since"] = self._pending_since(doc.get("pending_since"), pending)
         if failed:
             new_doc["failed"] = failed
             new_doc["nfailed"] = len(failed)
         plan.doc = new_doc
         plan.state_json = cur_json if upgrade_error is None else dumps(new_doc["state"])
         return plan
+
+    def _pending_since(self, old: float | None, pending: list[Doc]) -> float:
+        """The indexed lower bound of the outbox's applied times, changed as seldom as safe.
+
+        Recovery looks for `pending_since <= now - redeliver_after`, so any lower
+        bound of the pending entries' times finds every stale one. Keeping the
+        old value (while it is young) spares an index update on most writes of
+        a busy machine, whose previous change is acknowledged as the next one
+        is added; refreshing it once it is half as old as `redeliver_after`
+        keeps a busy machine from looking stale.
+        """
+        oldest: float = min(e["at"] for e in pending)
+        if old is None or old > oldest or self.redeliver_after is None:
+            return oldest
+        return old if old >= time.time() - self.redeliver_after / 2 else oldest
 
     def _schedule(self, state_json: str, due: dict[str, float], fired: dict[str, float]) -> None:
         """Recompute due times after a change; a consumed time never fires again."""
