@@ -16,7 +16,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import httpx
 import pytest
+from test_couchdb_store import Flaky
 
 import casern
 from casern._json import MAX_DEPTH, MAX_SAFE_INTEGER, dumps
@@ -421,3 +423,35 @@ def test_a_couchdb_validation_refusing_one_document_lands_the_others(
         assert isinstance(b, casern.InvalidState) and "forbidden states are refused" in str(b)
         assert (a, c) == ({"v": 1}, {"v": 3})
         assert app.get("a") == {"v": 1} and app.get("c") == {"v": 3} and app.get("b") is None
+
+
+@pytest.mark.couchdb
+@pytest.mark.parametrize(
+    ("status", "error"),
+    [(400, "bad_request"), (500, "doc_validation"), (413, "document_too_large")],
+)
+def test_couchdb_refusing_one_documents_content_is_never_an_outage(
+    couchdb_base_url: str, status: int, error: str
+) -> None:
+    """A whole `_bulk_docs` refused for one document: that one fails, the others land."""
+
+    def fault(request: httpx.Request, forward: Callable[[], httpx.Response]) -> httpx.Response:
+        if request.url.path.endswith("/_bulk_docs") and b"poison" in request.content:
+            reason = "p" if status == 413 else "refused for its content"
+            return httpx.Response(status, json={"error": error, "reason": reason})
+        return forward()
+
+    store = CouchDBStore(fresh_couch_db(couchdb_base_url), transport=Flaky(fault), retries=1)
+    try:
+        revs = store.put_many(
+            [
+                Write("a", None, {"state": {"v": 1}, "seq": 1}),
+                Write("p", None, {"state": {"v": "poison"}, "seq": 1}),
+                Write("c", None, {"state": {"v": 3}, "seq": 1}),
+            ]
+        )
+        assert isinstance(revs[0], str) and isinstance(revs[2], str)
+        assert isinstance(revs[1], casern.InvalidState)
+        assert sorted(store.get_many(["a", "p", "c"])) == ["a", "c"]
+    finally:
+        store.close()
