@@ -143,7 +143,7 @@ def _storable(failure: Doc) -> Doc:
     return failure
 
 
-def too_large(reducer: str, size: int, limit: int) -> InvalidState:
+def _state_too_large(reducer: str, size: int, limit: int) -> InvalidState:
     return InvalidState(
         f"reducer {reducer!r}: the new state is {size:,} bytes of JSON, over this store's"
         f" document limit of {limit:,} bytes; keep big data elsewhere and store a reference"
@@ -644,7 +644,7 @@ class Engine:
                 plan.results.append((a, InvalidState(f"reducer {name!r}: {e}")))
                 return
             if limit is not None and len(new_json) * 4 > limit and len(new_json.encode()) > limit:
-                plan.results.append((a, too_large(name, len(new_json.encode()), limit)))
+                plan.results.append((a, _state_too_large(name, len(new_json.encode()), limit)))
                 return
             if new_json == cur_json or (new_state == state and same(new_state, state)):
                 plan.results.append((a, cur_json))
