@@ -16,7 +16,7 @@ import sqlite3
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -108,6 +108,28 @@ def sqlite_url(path: Path, synchronous: str = "normal") -> str:
     """casern's URL for an absolute file path."""
     url = f"sqlite:///{path.resolve()}"  # "/abs" -> sqlite:////abs
     return url if synchronous == "normal" else f"{url}?synchronous={synchronous}"
+
+
+def bulk_load_couch(url: str, docs: Iterable[dict[str, Any]], chunk: int = 5_000) -> None:
+    """POST documents to a CouchDB database's `_bulk_docs` in chunks; stop on any error."""
+    import httpx
+
+    def post(client: httpx.Client, part: list[dict[str, Any]]) -> None:
+        r = client.post(url + "/_bulk_docs", json={"docs": part})
+        r.raise_for_status()
+        bad = [row for row in r.json() if "error" in row]
+        if bad:
+            raise SystemExit(f"populating CouchDB failed: {bad[:3]}")
+
+    with httpx.Client(timeout=300.0, headers={"Accept": "application/json"}) as client:
+        part: list[dict[str, Any]] = []
+        for doc in docs:
+            part.append(doc)
+            if len(part) == chunk:
+                post(client, part)
+                part = []
+        if part:
+            post(client, part)
 
 
 # -- the raw baseline: stdlib sqlite3, one JSON row per id ----------------------------------

@@ -75,7 +75,8 @@ class Meter:
         self.items: Counter[str] = Counter()
         self.wall: Counter[str] = Counter()
         self.cpu: Counter[str] = Counter()
-        for name in ("get_many", "put_many", "put_history"):
+        # confirm and leaves: the verifying re-read and the fork read on a cluster
+        for name in ("get_many", "put_many", "put_history", "confirm", "leaves"):
             setattr(store, name, self._wrap(name, getattr(store, name)))
 
     def _wrap(self, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:

@@ -18,6 +18,7 @@ transaction) and with `history=False`, to show what the history table costs.
     python bench/sqlite_send.py                 # defaults, < 60 s
     python bench/sqlite_send.py --sends 20000 --ids 2000 --threads 8 --repeat 3
     python bench/sqlite_send.py --profile       # cProfile of the sequential case
+    python bench/sqlite_send.py --otel          # what OpenTelemetry costs (no SDK, SDK)
 """
 
 from __future__ import annotations
@@ -370,6 +371,48 @@ def profile_sequential(args: argparse.Namespace, base: Path) -> None:
         print(text[text.find("   ncalls") :].rstrip())
 
 
+def otel_overhead(args: argparse.Namespace, base: Path) -> None:
+    """Sequential sends with telemetry stubbed out, the API alone (no SDK) and an SDK."""
+    import _otel
+
+    bench = Bench(args, base)
+    ids = [f"m{i % args.ids:06d}" for i in range(args.sends)]
+    rows: list[list[Any]] = []
+    for case, listener in (("many", False), ("listener", True)):
+        best: dict[str, Result] = {}
+        for round in range(max(1, args.repeat)):
+            # Interleaved, and each round in another order: no mode always runs first.
+            modes = _otel.MODES[round % 3 :] + _otel.MODES[: round % 3]
+            for m in modes:
+                gc.collect()
+                with _otel.mode(m):
+                    result = bench.casern(ids, listener=listener)
+                best[m] = min(best.get(m, result), result)
+        base_s = best["stubbed"][0]
+        for m in _otel.MODES:
+            secs = best[m][0]
+            us = (secs - base_s) / len(ids) * 1e6
+            rows.append([case, m, len(ids), len(ids) / secs, base_s / secs, us])
+    print_table(
+        ["case", "telemetry", "sends", "sends/s", "vs stubbed", "µs/send added"],
+        rows,
+        title=f"OpenTelemetry's cost, sequential sends over {args.ids:,} ids"
+        f" (best of {args.repeat}, modes interleaved)",
+    )
+    print(f"\nmodes: {_otel.__doc__.split(chr(10), 2)[2].strip()}")
+    stubbed_us = 1e6 / rows[0][3]  # the sequential "many" case, hooks stubbed out
+    print(f"\nhooks timed alone (a sequential send, stubbed, took {stubbed_us:.0f} µs above):")
+    shares = {}
+    for m in ("api", "sdk"):
+        send_us, deliver_us = _otel.hook_cost(m)
+        shares[m] = send_us / stubbed_us
+        print(
+            f"  {m}: {send_us:.2f} µs per send ({100 * shares[m]:.1f}% of one),"
+            f" {deliver_us:.2f} µs per listener call"
+        )
+    print(ratio_line("otel no-SDK hooks/send", shares["api"], "<= 0.05x"))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -405,6 +448,9 @@ def main() -> None:
     parser.add_argument(
         "--breakdown", action="store_true", help="only time the layers of one sequential send"
     )
+    parser.add_argument(
+        "--otel", action="store_true", help="only compare telemetry off / no SDK / an SDK"
+    )
     args = parser.parse_args()
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
 
@@ -416,6 +462,9 @@ def main() -> None:
         )
         if args.breakdown:
             breakdown(args, base)
+            return
+        if args.otel:
+            otel_overhead(args, base)
             return
         if args.profile:
             profile_sequential(args, base)

@@ -27,7 +27,16 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from _common import ROOT, now, print_table, python_info, ratio_line, sqlite_url, temp_dir
+from _common import (
+    ROOT,
+    bulk_load_couch,
+    now,
+    print_table,
+    python_info,
+    ratio_line,
+    sqlite_url,
+    temp_dir,
+)
 
 import casern
 from casern.stores.sqlite import SQLiteStore
@@ -176,32 +185,24 @@ def couch_available() -> tuple[Callable[..., Any] | None, str]:
 
 def populate_couch(url: str, plan: Plan, chunk: int = 5_000) -> float:
     """POST envelopes to `_bulk_docs` in chunks (after casern created db and indexes)."""
-    import httpx
-
     from casern.stores.couchdb import CouchDBStore
 
     start = now()
     CouchDBStore(url).close()
-    with httpx.Client(timeout=120.0, headers={"Accept": "application/json"}) as client:
-        for lo in range(0, plan.size, chunk):
-            docs = []
-            for i in range(lo, min(plan.size, lo + chunk)):
-                t = plan.due_at(i)
-                docs.append(
-                    {
-                        "_id": plan.id(i),
-                        "state": {"n": 0, "i": i},
-                        "seq": 1,
-                        "version": 1,
-                        "due": {"wake": t},
-                        "next_due": t,
-                    }
-                )
-            r = client.post(url + "/_bulk_docs", json={"docs": docs})
-            r.raise_for_status()
-            bad = [row for row in r.json() if "error" in row]
-            if bad:
-                raise SystemExit(f"populating CouchDB failed: {bad[:3]}")
+
+    def docs() -> Iterator[dict[str, Any]]:
+        for i in range(plan.size):
+            t = plan.due_at(i)
+            yield {
+                "_id": plan.id(i),
+                "state": {"n": 0, "i": i},
+                "seq": 1,
+                "version": 1,
+                "due": {"wake": t},
+                "next_due": t,
+            }
+
+    bulk_load_couch(url, docs(), chunk)
     return now() - start
 
 

@@ -10,25 +10,33 @@ due timers and redelivers changes left pending by a process that died.
 from __future__ import annotations
 
 import asyncio
+import atexit
+import difflib
 import json
 import logging
+import threading
 import time
 import types
-from collections.abc import Callable, Mapping
+import warnings
+import weakref
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from concurrent.futures import wait as wait_futures
 from datetime import UTC, datetime
 from typing import Any
 
 import jsonschema
+from apscheduler.executors.asyncio import AsyncIOExecutor
+from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.schedulers.base import BaseScheduler
 
-from . import _aio
+from . import _aio, _telemetry
 from ._backoff import Backoff
 from ._delivery import Dispatcher
 from ._engine import (
+    CLAIM,
     FIRE,
     MIGRATE,
     RETRY,
@@ -39,16 +47,30 @@ from ._engine import (
     encode_data,
     freeze,
 )
-from ._errors import CasernError, InvalidData, ReducerError, UnknownReducer
+from ._errors import (
+    CasernError,
+    InvalidData,
+    InvalidQuery,
+    ReducerError,
+    UnknownReducer,
+    UpgradeError,
+)
 from ._ids import check_id
 from ._json import dumps, encodable
-from ._outbox import unpack
+from ._query import check_path, parse
 from ._types import Listener, Reducer, State, Timer, Upgrade
 from .stores import Store, open_store
 
 __all__ = ["Casern"]
 
 log = logging.getLogger("casern")
+# APScheduler logs two INFO lines per job run, and one at start: casern's own
+# executor alias and scheduler logger keep that chatter below WARNING, without
+# touching the levels of the user's own schedulers.
+_EXECUTOR = "casern"
+_SCHEDULER_LOG = logging.getLogger("casern.scheduler")
+_SCHEDULER_LOG.setLevel(logging.WARNING)
+logging.getLogger(f"apscheduler.executors.{_EXECUTOR}").setLevel(logging.WARNING)
 
 MAX_KEY_LENGTH = 1024
 _HISTORY_FIELDS = ("seq", "reducer", "data", "key", "applied_at", "version")
@@ -80,6 +102,7 @@ class Casern:
         redeliver_after: float = 10.0,
         keep_keys: int = 100,
         cache_size: int = 4096,
+        indexes: Sequence[str] = (),
     ) -> None:
         for what, table in (
             ("preferences", preferences),
@@ -130,11 +153,21 @@ class Casern:
         for name, count in (("keep_keys", keep_keys), ("cache_size", cache_size)):
             if not isinstance(count, int) or count < 0:
                 raise ValueError(f"{name} must be an int >= 0")
+        if isinstance(indexes, str):
+            raise TypeError(f"indexes is a list of field names, such as ({indexes!r},)")
+        index_paths = [check_path(field) for field in indexes]
+        self.indexes: tuple[str, ...] = tuple(dict.fromkeys(indexes))
         self.state_version = state_version
         self.backoff = backoff
         self.tick = tick
         self.redeliver_after = redeliver_after
         self.store: Store = open_store(store) if isinstance(store, str) else store
+        try:
+            self.store.ensure_indexes(list(dict.fromkeys(index_paths)))
+        except BaseException:
+            if isinstance(store, str):
+                self.store.close()
+            raise
         self._engine = Engine(
             self.store,
             self.preferences,
@@ -144,8 +177,10 @@ class Casern:
             history=history,
             state_version=state_version,
             upgrade=upgrade,
-            on_commit=self._on_commit,
-            on_acked=self._on_acked,
+            # Weak: the background threads must not keep an app alive that its
+            # user dropped, so that it can be collected (and warned about).
+            on_commit=_weak(self._on_commit, None),
+            on_acked=_weak(self._on_acked, None),
             keep_keys=keep_keys,
             cache_size=cache_size,
             redeliver_after=redeliver_after,
@@ -157,9 +192,11 @@ class Casern:
             self.preferences,
             self.services,
             backoff,
-            self._queue_send,
+            _weak(self._queue_send, CasernError("the Casern app of this listener is gone")),
         )
         self._scheduler: BaseScheduler | None = None
+        self._ticking = threading.Lock()
+        self._skipped_ticks = 0
         self._closed = False
         self._options: dict[str, Any] = {
             "schemas": schemas,
@@ -172,7 +209,10 @@ class Casern:
             "redeliver_after": redeliver_after,
             "keep_keys": keep_keys,
             "cache_size": cache_size,
+            "indexes": self.indexes,
         }
+        self._dispatcher.keep_alive(self)
+        _open_apps.add(self)
 
     def _check_open(self) -> None:
         if self._closed:
@@ -193,11 +233,20 @@ class Casern:
         self, reducer: str, id: str, data: Any, key: str | None, lead: bool = False
     ) -> Future[Any]:
         """Validate in the caller's thread, then queue; the future gives the state's JSON."""
+        trace = _telemetry.begin_send(reducer, id, reducer in self.reducers)
+        try:
+            action = _telemetry.track(trace, self._check_send(reducer, id, data, key))
+            return self._engine.submit(action, lead=lead)
+        except BaseException as e:
+            _telemetry.refused(trace, e)
+            raise
+
+    def _check_send(self, reducer: str, id: str, data: Any, key: str | None) -> Action:
+        """A send's action, or the error that says what is wrong with its arguments."""
         self._check_open()
         check_id(id)
         if reducer not in self.reducers:
-            known = ", ".join(sorted(self.reducers)) or "none"
-            raise UnknownReducer(f"no reducer named {reducer!r} (known: {known})")
+            raise UnknownReducer(self._unknown_reducer(reducer))
         if key is not None and (not isinstance(key, str) or len(key) > MAX_KEY_LENGTH):
             raise InvalidData(
                 f"key must be a str of at most {MAX_KEY_LENGTH} characters or None,"
@@ -213,7 +262,22 @@ class Casern:
                 raise InvalidData(
                     f"data for {reducer!r} is invalid at {error.json_path}: {error.message}"
                 )
-        return self._engine.submit(Action(SEND, id, Future(), reducer, data_json, key), lead=lead)
+        return Action(SEND, id, Future(), reducer, data_json, key)
+
+    def _unknown_reducer(self, reducer: str) -> str:
+        known = ", ".join(sorted(self.reducers)) or "none"
+        message = f"no reducer named {reducer!r} (known: {known})"
+        close = difflib.get_close_matches(str(reducer), self.reducers, n=1)
+        if close:
+            return f"{message}; did you mean {close[0]!r}?"
+        for slot, table in (("preferences", self.preferences), ("services", self.services)):
+            if callable(table.get(reducer)):
+                return (
+                    f"{message}; {reducer!r} is in {slot}: the positional order is"
+                    " Casern(store, preferences, services, reducers, listeners), or pass"
+                    " reducers={...} by keyword"
+                )
+        return message
 
     def send(self, reducer: str, id: str, data: Any = None, *, key: str | None = None) -> State:
         """Apply `reducer` to machine `id`; return the committed state once durable."""
@@ -246,11 +310,37 @@ class Casern:
         self._check_open()
         return self.store.ids(prefix=prefix, after=after, limit=limit)
 
+    def find(
+        self, selector: Mapping[str, Any], *, limit: int = 100, after: str | None = None
+    ) -> list[str]:
+        """Ids whose current state matches a Mango-style selector, ascending, after `after`.
+
+        States are matched as stored: one written by an older `state_version`
+        is matched in its old shape until it next changes or `migrate` runs.
+        """
+        self._check_open()
+        query = parse(selector)
+        if not isinstance(limit, int) or isinstance(limit, bool) or limit < 0:
+            raise InvalidQuery(f"limit must be an int >= 0, not {limit!r}")
+        if after is not None and not isinstance(after, str):
+            raise InvalidQuery(f"after is the last id of the previous page (a str), not {after!r}")
+        if limit == 0:
+            return []
+        return self.store.find(query, limit=limit, after=after)
+
+    async def afind(
+        self, selector: Mapping[str, Any], *, limit: int = 100, after: str | None = None
+    ) -> list[str]:
+        """`find` for asyncio (runs the query in a thread)."""
+        return await asyncio.to_thread(self.find, selector, limit=limit, after=after)
+
     def drain(self, timeout: float | None = None) -> bool:
-        """Wait until every queued send is committed and every listener has run.
+        """Wait until every queued send is committed, every listener has run and
+        every acknowledgement and failure record is written to the store.
 
         Returns False if `timeout` passed first. Handy in tests, scripts and demos.
         """
+        self._dispatcher.check_not_inside("drain")
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -259,9 +349,12 @@ class Casern:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             if not self._dispatcher.wait_idle(left):
                 return False
-            if self._engine.wait_idle(0):  # listeners may have sent more
-                self._engine.flush()  # so failed() and the outbox reflect what ran
-                return True
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            # So that failed() and the outbox reflect what ran.
+            if not self._engine.flush(left):
+                return False
+            if self._engine.wait_idle(0) and self._dispatcher.wait_idle(0):
+                return True  # else listeners sent more meanwhile: once more
 
     # -- listener failures --------------------------------------------------------------
 
@@ -281,6 +374,53 @@ class Casern:
         ids = [check_id(id)] if id is not None else self.store.failed(100_000)
         futures = [self._engine.submit(Action(RETRY, i, Future())) for i in ids]
         return sum(int(f.result() or 0) for f in futures)
+
+    # -- looking into one machine -------------------------------------------------------
+
+    def inspect(self, id: str) -> dict[str, Any] | None:
+        """One machine as an operator sees it, or None for an unknown id.
+
+        A dict with `id`, `state`, `seq`, `version` (as stored), `due` (reducer ->
+        epoch seconds, soonest first), `pending` (changes in the outbox whose
+        listeners are not yet acknowledged: `seq`, `reducer`, `applied_at`,
+        `listeners`) and `failed` (as `failed()`). A state that cannot be upgraded
+        is shown as stored, with the reason in `error`: a tool still sees it.
+        The inspector is built on this; it reads one document, never a scan.
+        """
+        self._check_open()
+        rec = self.store.get(check_id(id))
+        if rec is None:
+            return None
+        doc = rec.doc
+        error: str | None = None
+        try:
+            state = self._engine.load_state(doc)
+        except UpgradeError as e:
+            state, error = doc.get("state", {}), str(e)
+        everyone = sorted(self.listeners)
+        out: dict[str, Any] = {
+            "id": id,
+            "state": json.loads(dumps(state)),
+            "seq": int(doc.get("seq", 0)),
+            "version": int(doc.get("version", self.state_version)),
+            "due": dict(sorted(doc.get("due", {}).items(), key=lambda kv: kv[1])),
+            "pending": [
+                {
+                    "seq": e["seq"],
+                    "reducer": e.get("reducer"),
+                    "applied_at": e.get("applied_at"),
+                    "listeners": list(e.get("listeners") or everyone),
+                }
+                for e in doc.get("pending", ())
+            ],
+            "failed": [
+                {k: (id if k == "id" else f.get(k)) for k in _FAILED_FIELDS}
+                for f in doc.get("failed", ())
+            ],
+        }
+        if error is not None:
+            out["error"] = error
+        return out
 
     # -- history and versions -----------------------------------------------------------
 
@@ -377,38 +517,89 @@ class Casern:
         if fired:
             log.info("fired the due timers of %d machine(s)", fired)
         self._recover(now)
+        # Forks nobody is writing (a node that caught up, replication): merged now.
+        self._engine.check(self.store.forked(limit))
         return fired
 
     def _recover(self, now: float) -> None:
-        """Deliver changes left in the outbox by a process that died."""
+        """Redeliver changes left in the outbox by a process that died.
+
+        Never one this process committed or delivered: those stay in flight until
+        their acknowledgement is durable, and one whose acknowledgement lands while
+        the outbox is read is caught by the dispatcher's watch. Each change to
+        redeliver is first claimed in its envelope (see `Engine._claim`), so that
+        two live workers sweeping one store do not both run it.
+        """
         if not self.listeners:
             return
         before = now - self.redeliver_after
-        ids = self.store.pending(before, 1000)
-        if not ids:
+        wall = time.time()
+        seen = self._dispatcher.watch()
+        try:
+            # Ids with a change in flight here wait for a later sweep: their
+            # oldest entries are most likely ours, and reading them costs.
+            ids = [i for i in self.store.pending(before, 1000) if not self._dispatcher.busy(i)]
+            recs = self.store.get_many(ids) if ids else {}
+            # A forked envelope is merged first; its merged outbox is delivered then.
+            forked = [id for id, rec in recs.items() if rec.conflicts]
+            wanted: dict[str, frozenset[int]] = {}
+            for id, rec in recs.items():
+                if rec.conflicts:
+                    continue
+                seqs = frozenset(
+                    e["seq"]
+                    for e in rec.doc.get("pending", ())
+                    if e["at"] <= before
+                    and not self._dispatcher.inflight(id, e["seq"])
+                    and (id, e["seq"]) not in seen  # checked after inflight: see watch()
+                    and not _claimed_by_other(e, self._engine.token, wall)
+                )
+                if seqs:
+                    wanted[id] = seqs
+        finally:
+            self._dispatcher.unwatch(seen)
+        if forked:
+            self._engine.check(forked)
+        if not wanted:
             return
-        deliveries = [
-            Delivery(id, entry)
-            for id, rec in self.store.get_many(ids).items()
-            for entry in unpack(rec.doc)
-            if entry["at"] <= before and not self._dispatcher.inflight(id, entry["seq"])
+        futures = [
+            self._engine.submit(Action(CLAIM, id, Future(), seqs=seqs))
+            for id, seqs in wanted.items()
         ]
-        if deliveries:
-            log.info("redelivering %d pending change(s)", len(deliveries))
-            self._dispatcher.submit(deliveries)
+        wait_futures(futures)
+        claimed = sum(f.result() for f in futures if f.exception() is None)
+        if claimed:
+            log.info("redelivering %d change(s) left pending by another process", claimed)
 
     def _safe_tick(self) -> None:
+        # Under load a tick can outlast the interval: the ticks due meanwhile
+        # coalesce here, reported in one DEBUG line, not one warning per tick.
+        if not self._ticking.acquire(blocking=False):
+            self._skipped_ticks += 1
+            return
         try:
+            started = time.monotonic()
             self.run_once()
         except CasernError as e:
             log.warning("scheduler tick failed: %s", e)
+        finally:
+            skipped, self._skipped_ticks = self._skipped_ticks, 0
+            self._ticking.release()
+        if skipped:
+            log.debug(
+                "a scheduler tick took %.2fs; %d tick(s) due meanwhile coalesced into the next",
+                time.monotonic() - started,
+                skipped,
+            )
 
     def start(self) -> None:
         """Run timers and redelivery in the background (APScheduler), until `stop()`."""
         self._check_open()
         if self._scheduler is not None:
             return
-        scheduler = BackgroundScheduler(timezone="UTC")
+        scheduler = BackgroundScheduler(
+            timezone="UTC", executors={_EXECUTOR: ThreadPoolExecutor(2)}, logger=_SCHEDULER_LOG
+        )
         self._add_tick(scheduler, self._safe_tick)
         scheduler.start()
         self._scheduler = scheduler
@@ -428,7 +619,12 @@ class Casern:
         async def tick() -> None:
             await asyncio.to_thread(self._safe_tick)
 
-        scheduler = AsyncIOScheduler(timezone="UTC", event_loop=asyncio.get_running_loop())
+        scheduler = AsyncIOScheduler(
+            timezone="UTC",
+            event_loop=asyncio.get_running_loop(),
+            executors={_EXECUTOR: AsyncIOExecutor()},
+            logger=_SCHEDULER_LOG,
+        )
         self._add_tick(scheduler, tick)
         scheduler.start()
         self._scheduler = scheduler
@@ -448,8 +644,9 @@ class Casern:
             seconds=self.tick,
             id="casern-tick",
             next_run_time=datetime.now(UTC),
+            executor=_EXECUTOR,
             coalesce=True,
-            max_instances=1,
+            max_instances=1_000_000,  # overlapping ticks return at once (see _safe_tick)
             misfire_grace_time=None,
         )
 
@@ -463,15 +660,87 @@ class Casern:
         """
         if self._closed:
             return
-        self.stop()
-        self.drain(timeout)
+        self._dispatcher.check_not_inside("close")
+        deadline = time.monotonic() + timeout
+        # A bit of the time is kept for writing the acknowledgements of what ran.
+        reserve = min(1.0, timeout / 4)
+
+        def left(keep: float = 0.0) -> float:
+            return max(0.0, deadline - time.monotonic() - keep)
+
+        if self._scheduler is not None:
+            self._scheduler.shutdown(wait=False)
+            self._scheduler = None
+        if self._ticking.acquire(timeout=left(reserve)):  # a tick under way ends first
+            self._ticking.release()
+        self.drain(left(reserve))
         self._closed = True
-        self._dispatcher.stop(timeout)
-        self._engine.stop()
-        self.store.close()
+        self._dispatcher.stop(left(reserve))
+        if not self._engine.stop(left()):
+            log.warning(
+                "close(timeout=%g): the store was still being written; it is closed"
+                " once those writes end",
+                timeout,
+            )
+            self._engine.then(self.store.close)
+        else:
+            self.store.close()
+        _open_apps.discard(self)
+
+    def __del__(self) -> None:
+        if getattr(self, "_closed", True):
+            return
+        warnings.warn(
+            f"unclosed {self!r}: call app.close() (or use `with`) when done; make one app"
+            " per process at start-up rather than one per request",
+            ResourceWarning,
+            source=self,
+            stacklevel=1,
+        )
+        self._closed = True
+        # Collected: nothing is waited for (this may run in any thread, even ours).
+        self._dispatcher.abandon()
+        self._engine.stop(0)
+        self._engine.then(self.store.close)
 
     def __enter__(self) -> Casern:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _claimed_by_other(entry: Mapping[str, Any], token: str, now: float) -> bool:
+    """Whether another live process holds a claim on this pending entry."""
+    claim = entry.get("claim")
+    return claim is not None and claim["by"] != token and claim["until"] > now
+
+
+def _weak(method: Callable[..., Any], gone: Exception | None) -> Callable[..., Any]:
+    """Call `method` while its object lives; after that, raise `gone` (or do nothing)."""
+    ref = weakref.WeakMethod(method)
+
+    def call(*args: Any) -> Any:
+        fn = ref()
+        if fn is not None:
+            return fn(*args)
+        if gone is not None:
+            raise gone
+        return None
+
+    return call
+
+
+# Apps still open when the interpreter exits normally (a web worker told to stop
+# just returns) are closed then, so that listeners under way finish. Weak: this
+# registry keeps no app alive.
+_open_apps: weakref.WeakSet[Casern] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_at_exit() -> None:
+    for app in list(_open_apps):
+        try:
+            app.close()
+        except Exception:
+            log.exception("closing %r at exit failed", app)

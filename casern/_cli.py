@@ -234,8 +234,10 @@ def echo_json(value: Any) -> None:
     click.echo(text)
 
 
-def parse_json(text: str | None) -> Any:
-    """The JSON argument of `send` (None if absent, stdin for `-`), or a usage error."""
+def parse_json(
+    text: str | None, param_hint: str = "JSON", example: str = """'{"qty": 2}' or '"text"'"""
+) -> Any:
+    """A JSON argument (None if absent, stdin for `-`), or a usage error."""
     if text is None:
         return None
     if text == "-":
@@ -245,8 +247,8 @@ def parse_json(text: str | None) -> Any:
     except json.JSONDecodeError as e:
         raise click.BadParameter(
             f"{text!r:.60} is not valid JSON ({e.msg} at column {e.colno}); put JSON in"
-            """ single quotes, e.g. '{"qty": 2}' or '"text"'""",
-            param_hint="JSON",
+            f" single quotes, e.g. {example}",
+            param_hint=param_hint,
         ) from None
 
 
@@ -379,28 +381,54 @@ def history(app: Casern, id: str) -> None:
     echo_json(entries)
 
 
-@cli.command(name="ls")
-@click.option("--prefix", default="", help="Only ids that start with this.")
-@click.option("--after", default=None, metavar="ID", help="Only ids after this one.")
-@click.option(
+after_option = click.option("--after", default=None, metavar="ID", help="Only ids after this one.")
+limit_option = click.option(
     "--limit",
     type=click.IntRange(min=0),
     default=None,
     metavar="N",
     help="At most this many ids.  [default: all]",
 )
+
+
+@cli.command(name="ls")
+@click.option("--prefix", default="", help="Only ids that start with this.")
+@after_option
+@limit_option
 @with_app
 def ls(app: Casern, prefix: str, after: str | None, limit: int | None) -> None:
     """List the stored machine ids, one per line, in ascending order."""
+    echo_pages(lambda after, n: app.ids(prefix=prefix, after=after, limit=n), after, limit)
+
+
+def echo_pages(
+    fetch: Callable[[str | None, int], list[str]], after: str | None, limit: int | None
+) -> None:
+    """Print ids one per line, fetched in pages of 1,000 after `after`, at most `limit`."""
     left = limit
     while left is None or left > 0:
-        page = app.ids(prefix=prefix, after=after, limit=1000 if left is None else min(left, 1000))
+        page = fetch(after, 1000 if left is None else min(left, 1000))
         if not page:
             return
         click.echo("\n".join(page))
         after = page[-1]
         if left is not None:
             left -= len(page)
+
+
+@cli.command()
+@click.argument("selector")
+@after_option
+@limit_option
+@with_app
+def find(app: Casern, selector: str, after: str | None, limit: int | None) -> None:
+    """List the ids whose state matches SELECTOR, one per line, in ascending order.
+
+    SELECTOR is a JSON object in CouchDB's Mango style, such as
+    '{"status": "open"}' or '{"owner.team": {"$in": ["a", "b"]}}' (- reads stdin).
+    """
+    query = parse_json(selector, "SELECTOR", """'{"status": "open"}'""")
+    echo_pages(lambda after, n: app.find(query, after=after, limit=n), after, limit)
 
 
 @cli.command()
@@ -538,6 +566,46 @@ def _count_ids(app: Casern) -> int:
         total += len(page)
         after = page[-1]
     return total
+
+
+@cli.command(name="inspect")
+@click.option(
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address to listen on. Anything but a loopback address needs --token.",
+)
+@click.option(
+    "--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="TCP port."
+)
+@click.option(
+    "--token",
+    envvar="CASERN_INSPECT_TOKEN",
+    metavar="T",
+    help="Require 'Authorization: Bearer T' (or the login form) on every request."
+    "  [env: CASERN_INSPECT_TOKEN]",
+)
+def inspect_command(host: str, port: int, token: str | None) -> None:
+    """Serve the inspector, a web page to look into the machines, until Ctrl-C.
+
+    Machines by id prefix or `find` selector, each one's state, due timers,
+    pending and failed deliveries (with a Retry button) and its history as a
+    timeline of diffs. The same data as JSON under /api/.
+
+    \b
+        casern --app myproject.machines:app inspect            # http://127.0.0.1:8000/
+        casern --app myproject.machines:app inspect --host 0.0.0.0 --token "$(openssl rand -hex 16)"
+    """
+    from .inspector._serve import check_bind, serve
+
+    try:
+        check_bind(host, token)
+    except ValueError as e:
+        raise CLIUsageError(str(e)) from None
+    options = click.get_current_context().find_object(Options)
+    assert options is not None
+    with options.open() as app:
+        serve(app, host, port, token, verbose=options.verbose)
 
 
 cli.add_command(demo_command, "demo")

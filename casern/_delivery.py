@@ -12,11 +12,16 @@ change from the outbox.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import inspect
 import json
 import logging
+import os
 import threading
+import time
+import traceback
+import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import Future
@@ -24,15 +29,18 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from . import _telemetry
 from ._backoff import Backoff
 from ._change import Change
 from ._engine import Delivery, Engine
+from ._errors import CasernError
 from ._json import dumps
 from ._threads import LanePool
 from ._types import Listener
 from .stores.base import Doc
 
 log = logging.getLogger("casern")
+_here = threading.local()  # .listener: the name of the plain listener this thread runs
 
 
 @dataclass(slots=True, eq=False)
@@ -62,8 +70,15 @@ class Dispatcher:
         self.backoff = backoff
         self._send = send
         self._lanes: dict[tuple[str, str], deque[_Job]] = {}
-        self._inflight: set[tuple[str, int]] = set()
+        # Changes this process committed or is delivering, until their acknowledgement
+        # is durable: a recovery sweep never hands them out again.
+        self._inflight: dict[str, set[int]] = {}
+        self._watches: list[set[tuple[str, int]]] = []
         self._jobs = 0
+        # While deliveries run, the app is held (see `keep_alive`): an app whose
+        # user dropped it still finishes what it committed, then can be collected.
+        self._owner: weakref.ref[object] | None = None
+        self._pin: object | None = None
         self._idle = threading.Condition()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -72,6 +87,7 @@ class Dispatcher:
         self._tasks: set[asyncio.Task[None]] = set()
         self._incoming: list[tuple[str, _Job]] = []  # (async listener, job) for the loop
         self._async = {n for n, f in self.listeners.items() if inspect.iscoroutinefunction(f)}
+        _telemetry.watch_outbox(self)
 
     # -- thread-safe entry points -------------------------------------------------------
 
@@ -80,10 +96,12 @@ class Dispatcher:
         fresh: list[Delivery] = []
         with self._idle:
             for d in deliveries:
-                key = (d.id, d.entry["seq"])
-                if key in self._inflight:
+                mine = self._inflight.setdefault(d.id, set())
+                if d.entry["seq"] in mine:
                     continue
-                self._inflight.add(key)
+                mine.add(d.entry["seq"])
+                if self._jobs == 0 and self._owner is not None:
+                    self._pin = self._owner()
                 self._jobs += 1
                 fresh.append(d)
         if not fresh:
@@ -116,14 +134,62 @@ class Dispatcher:
             incoming, self._incoming = self._incoming, []
         self._accept(incoming)
 
+    def backlog(self) -> int:
+        """Changes handed to this dispatcher whose acknowledgement is not yet written."""
+        with self._idle:
+            return sum(len(seqs) for seqs in self._inflight.values())
+
     def inflight(self, id: str, seq: int) -> bool:
         with self._idle:
-            return (id, seq) in self._inflight
+            return seq in self._inflight.get(id, ())
+
+    def busy(self, id: str) -> bool:
+        """Whether any change of `id` is in flight here."""
+        with self._idle:
+            return id in self._inflight
+
+    def watch(self) -> set[tuple[str, int]]:
+        """Start collecting the changes whose acknowledgement lands from now on.
+
+        A sweep reads the outbox, then asks what is in flight: a change acknowledged
+        in between looks pending and not in flight. Whatever was in flight when the
+        sweep began is either still in flight after the read or in this set.
+        """
+        seen: set[tuple[str, int]] = set()
+        with self._idle:
+            self._watches.append(seen)
+        return seen
+
+    def unwatch(self, seen: set[tuple[str, int]]) -> None:
+        with self._idle:
+            self._watches = [w for w in self._watches if w is not seen]
 
     def acked(self, id: str, seqs: frozenset[int]) -> None:
+        """The acknowledgement of (id, seq) for `seqs` is durable (or was not needed)."""
         with self._idle:
-            for seq in seqs:
-                self._inflight.discard((id, seq))
+            mine = self._inflight.get(id)
+            if mine is not None:
+                mine.difference_update(seqs)
+                if not mine:
+                    del self._inflight[id]
+            for seen in self._watches:
+                seen.update((id, seq) for seq in seqs)
+
+    def keep_alive(self, owner: object) -> None:
+        """Hold a reference to `owner` while deliveries are under way (weak otherwise)."""
+        self._owner = weakref.ref(owner)
+
+    def check_not_inside(self, what: str) -> None:
+        """Refuse a call that waits for the listeners from inside a listener (it would hang)."""
+        name = getattr(_here, "listener", None)
+        if name is None and self._thread is not None and threading.current_thread() is self._thread:
+            name = "an async listener"
+        if name is not None:
+            raise CasernError(
+                f"{what}() was called from inside {name}; it waits for every listener,"
+                " this one included, so it would never return. Call it from the code that"
+                " sends, not from a listener"
+            )
 
     def wait_idle(self, timeout: float | None) -> bool:
         with self._idle:
@@ -136,6 +202,7 @@ class Dispatcher:
         """
         if self._loop is None and self._pool is None:
             return
+        deadline = time.monotonic() + timeout
         self.wait_idle(timeout)
         if self._pool is not None:
             self._pool.shutdown()
@@ -147,17 +214,32 @@ class Dispatcher:
                     task.cancel()
                 await asyncio.gather(*self._tasks, return_exceptions=True)
 
-            asyncio.run_coroutine_threadsafe(cancel(), loop).result(timeout=max(timeout, 1.0))
+            # Cancelling is quick; a listener that ignores it is left behind (a daemon).
+            with contextlib.suppress(TimeoutError):
+                asyncio.run_coroutine_threadsafe(cancel(), loop).result(
+                    timeout=max(0.05, deadline - time.monotonic())
+                )
             loop.call_soon_threadsafe(loop.stop)
             if self._thread is not None:
-                self._thread.join(timeout=5)
+                self._thread.join(timeout=max(0.05, deadline - time.monotonic()))
         self._loop = self._thread = self._pool = None
         with self._idle:
             self._jobs = 0
+            self._pin = None
             self._inflight.clear()
             self._lanes.clear()
             self._incoming.clear()
             self._idle.notify_all()
+
+    def abandon(self) -> None:
+        """Stop the loop and the pool without waiting (the app was garbage-collected)."""
+        loop, pool = self._loop, self._pool
+        if loop is not None:
+            with contextlib.suppress(RuntimeError):  # already closed
+                loop.call_soon_threadsafe(loop.stop)
+        if pool is not None:
+            pool.shutdown()
+        self._loop = self._thread = self._pool = None
 
     # -- plain listeners: a bounded pool of threads ---------------------------------------
 
@@ -179,9 +261,14 @@ class Dispatcher:
         """One call of a plain listener, in a pool thread; returns the sends it queued."""
         name = lane[1]
         sent: list[Future[Any]] = []
-        result = self.listeners[name](self._change(job, name, sent))
-        if inspect.isawaitable(result):
-            asyncio.run_coroutine_threadsafe(_wait(result), self._ensure_loop()).result()
+        _here.listener = f"listener {name!r}"  # drain() in here is refused, not hung
+        try:
+            with _telemetry.listener_span(job.id, job.entry, name):
+                result = self.listeners[name](self._change(job, name, sent))
+                if inspect.isawaitable(result):
+                    asyncio.run_coroutine_threadsafe(_wait(result), self._ensure_loop()).result()
+        finally:
+            _here.listener = None
         return sent
 
     def _settle_plain(
@@ -199,6 +286,8 @@ class Dispatcher:
             delay = self._failure(job, name, attempt, outcome)
             if delay is not None:
                 return delay
+        else:
+            _telemetry.delivered(name, job.entry, "ok")
         self._lane_done(job)
         return None
 
@@ -249,7 +338,9 @@ class Dispatcher:
     async def _deliver(self, job: _Job, name: str) -> None:
         for attempt in range(1, self.backoff.attempts + 1):
             try:
-                await self._call_async(job, name)
+                with _telemetry.listener_span(job.id, job.entry, name):
+                    await self._call_async(job, name)
+                _telemetry.delivered(name, job.entry, "ok")
                 return
             except asyncio.CancelledError:
                 raise
@@ -283,19 +374,20 @@ class Dispatcher:
 
     def _finish(self, job: _Job) -> None:
         self.engine.ack(job.id, job.entry["seq"], job.failed)
+        pin = None
         with self._idle:
             self._jobs -= 1
             if self._jobs == 0:
+                pin, self._pin = self._pin, None
                 self._idle.notify_all()
+        del pin  # the app may be collected here: outside the lock
 
     def _failure(self, job: _Job, name: str, attempt: int, e: Exception) -> float | None:
         """Log a failed call; the delay before the next attempt, or None after the last."""
         b = self.backoff
-        if isinstance(e, TimeoutError):
-            error = f"TimeoutError: ran longer than Backoff.timeout={b.timeout}s"
-        else:
-            error = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+        error = _describe(e, b.timeout)
         if attempt >= b.attempts:
+            _telemetry.delivered(name, job.entry, "failed")
             log.error(
                 "listener %r gave up on %r seq %s after %d attempts: %s",
                 name,
@@ -303,13 +395,15 @@ class Dispatcher:
                 job.entry["seq"],
                 attempt,
                 error,
+                exc_info=e,
             )
-            failed = {k: v for k, v in job.entry.items() if k != "listeners"}
+            failed = {k: v for k, v in job.entry.items() if k not in ("listeners", "claim")}
             failed.update(listener=name, error=error, attempts=attempt)
             with self._lock:
                 job.failed.append(failed)
             return None
         delay = b.delay(attempt)
+        _telemetry.delivered(name, job.entry, "retry")
         log.warning(
             "listener %r failed on %r seq %s (attempt %d of %d): %s; retrying in %.2fs",
             name,
@@ -350,6 +444,19 @@ class Dispatcher:
             send=send,
             listener=name,
         )
+
+
+def _describe(e: BaseException, timeout: float) -> str:
+    """The exception's type and message, and where it was raised (for `failed()`)."""
+    if isinstance(e, TimeoutError) and (not str(e) or e.__traceback__ is None):
+        # asyncio.timeout's (no message), or the pool's (made, never raised)
+        return f"TimeoutError: ran longer than Backoff.timeout={timeout}s"
+    text = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+    frames = traceback.extract_tb(e.__traceback__)
+    if frames:
+        last = frames[-1]
+        text += f" (at {os.path.basename(last.filename)}:{last.lineno} in {last.name})"
+    return text
 
 
 async def _wait(awaitable: Awaitable[Any]) -> Any:

@@ -15,16 +15,19 @@ import json
 import logging
 import math
 import random
+import secrets
 import threading
 import time
 import types
+import uuid
 from collections import OrderedDict, deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence, Set
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from . import _merge, _telemetry
 from ._errors import (
     CasernError,
     ConflictError,
@@ -41,7 +44,10 @@ from .stores.base import Doc, Record, Store, Write
 log = logging.getLogger("casern")
 
 SEND, FIRE, ACK, RETRY, MIGRATE, FLUSH = "send", "fire", "ack", "retry", "migrate", "flush"
+CLAIM = "claim"
+CHECK = "check"  # re-read an id that may have forked: merge, or hand over held changes
 MAX_BATCH = 500
+YEAR_5000 = datetime(5000, 1, 1, tzinfo=UTC).timestamp()  # due times beyond: milliseconds
 
 
 def encode_data(reducer: str, data: Any) -> str:
@@ -83,6 +89,12 @@ def now_iso(at: float) -> str:
     return datetime.fromtimestamp(at, UTC).isoformat()
 
 
+# Nobody waits for an acknowledgement: its actions share one future, already
+# resolved, instead of building one (a lock and a condition) per ack.
+_ANSWERED: Future[Any] = Future()
+_ANSWERED.set_result(None)
+
+
 @dataclass(slots=True, eq=False)
 class Action:
     """One unit of work for the committer; `future` resolves when it is durable."""
@@ -93,10 +105,12 @@ class Action:
     reducer: str = ""
     data_json: str = "null"
     key: str | None = None
-    seqs: frozenset[int] = frozenset()  # ACK: pending entries delivered
+    seqs: frozenset[int] = frozenset()  # ACK: pending entries delivered; CLAIM: to redeliver
     failed: list[Doc] = field(default_factory=list)  # ACK: deliveries that gave up
     attempts: int = 0
     now: float | None = None  # FIRE: fire what is due by then (never later than the clock)
+    trace: _telemetry.Send | None = None  # spans and metrics, reported when answered
+    uid: str = ""  # SEND on a store that may fork: journaled, applied once (see _merge.py)
 
 
 @dataclass(slots=True)
@@ -119,6 +133,7 @@ class _Plan:
     state_json: str = ""  # the JSON of doc["state"]
     deliveries: list[Delivery] = field(default_factory=list)
     acked: set[int] = field(default_factory=set)
+    drop: tuple[str, ...] = ()  # sibling revisions this write merges (deleted with it)
 
 
 def _normalize(value: Any) -> tuple[str, dict[str, Any]]:
@@ -219,7 +234,16 @@ class Engine:
         self.max_conflicts = max_conflicts
         self.ack_delay = ack_delay
         self.redeliver_after = redeliver_after
+        # Redelivering a stale change first writes a claim into its entry (revision-
+        # checked): other live processes leave it alone for `redeliver_after`, the
+        # grace a fresh commit gets, so two sweeps do not both run one change.
+        self.token = uuid.uuid4().hex
         self.cache = _LRU(cache_size)
+        # A store that may fork journals every applied action (`ops`), and changes
+        # reach listeners only once their revision is confirmed; until then they
+        # are held here (touched by the leading thread only).
+        self.journal = store.may_fork
+        self._held: dict[str, list[Delivery]] = {}
         # Everything below is guarded by _lock. Whoever holds the `_leading` flag
         # is the one thread that folds and writes; see `submit`.
         self._lock = threading.Lock()
@@ -229,6 +253,9 @@ class Engine:
         self._retries: list[tuple[float, int, Action]] = []
         self._tiebreak = 0
         self._acks: OrderedDict[str, tuple[set[int], list[Doc], float]] = OrderedDict()
+        self._sweeping = False  # a flush asked for every deferred ack to be written
+        self._on_exit: list[Callable[[], None]] = []
+        self._exited = False
         self._kick = threading.Event()
         self._here = threading.local()  # .leading: this thread is folding right now
         self._idle = threading.Condition()
@@ -268,6 +295,36 @@ class Engine:
                 self._kick.set()
         return action.future
 
+    def check(self, ids: Sequence[str]) -> None:
+        """Queue a fresh read of ids that may have forked (merged by the committer)."""
+        for id in ids:
+            self.submit(Action(CHECK, id, Future()))
+
+    def _check_later(self, id: str) -> None:
+        a = Action(CHECK, id, Future())
+        with self._idle:
+            self._outstanding += 1
+        a.future.add_done_callback(self._done)
+        self._retry_later(a)
+
+    def _release(self, id: str, doc: Doc) -> list[Delivery]:
+        """Held changes of `id` still in `doc`'s outbox, the very same entry under the same seq.
+
+        Two merges of one fork replay an action as the same seq but at different
+        times (`at`): only the process whose merge survived hands it over.
+        """
+        held = self._held.pop(id, None)
+        if not held:
+            return []
+        pending = {e["seq"]: e for e in doc.get("pending", ())}
+        return [
+            d
+            for d in held
+            if (e := pending.get(d.entry["seq"])) is not None
+            and e.get("u") == d.entry.get("u")
+            and e.get("at") == d.entry.get("at")
+        ]
+
     def _done(self, _: Future[Any]) -> None:
         with self._idle:
             self._outstanding -= 1
@@ -290,28 +347,62 @@ class Engine:
         with self._idle:
             return self._idle.wait_for(lambda: self._outstanding == 0, timeout)
 
-    def flush(self) -> None:
-        """Write every deferred acknowledgement now (and wait for it)."""
-        self.submit(Action(FLUSH, "", Future())).result()
+    def flush(self, timeout: float | None = None) -> bool:
+        """Write every deferred acknowledgement now; True once none is left unwritten.
 
-    def stop(self) -> None:
-        """Commit what is queued, write the deferred acknowledgements, stop the thread."""
+        An acknowledgement that conflicted waits for its retry: True only when
+        that one has landed too (or `timeout` passed first: False).
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                self.submit(Action(FLUSH, "", Future())).result(left)
+            except TimeoutError:
+                return False
+            with self._lock:
+                unwritten = bool(self._acks) or any(a.kind == ACK for _, _, a in self._retries)
+            if not unwritten:
+                return True
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            time.sleep(0.005)  # a conflicting ack retries within milliseconds
+
+    def stop(self, timeout: float | None = None) -> bool:
+        """Commit what is queued, write the deferred acknowledgements, stop the thread.
+
+        False if the thread was still writing after `timeout`: it stops by itself
+        once done, then runs what `then` gave it.
+        """
         thread = self._thread
         if thread is None:
-            return
+            return True
         with self._lock:
             self._stopping = True
         self._kick.set()
-        thread.join()
+        if thread is not threading.current_thread():
+            thread.join(timeout)
+        if thread.is_alive():
+            return False
         with self._lock:
             self._thread = None
             self._stopping = False
+        return True
+
+    def then(self, fn: Callable[[], None]) -> None:
+        """Run `fn` in the committer thread once it has stopped (now, if it has)."""
+        with self._lock:
+            if self._thread is not None and not self._exited:
+                self._on_exit.append(fn)
+                return
+        fn()
 
     # -- the committer ------------------------------------------------------------------
 
     def _start(self) -> None:
         with self._lock:
             if self._thread is None:
+                self._exited = False
                 self._thread = threading.Thread(
                     target=self._run, name="casern-committer", daemon=True
                 )
@@ -338,8 +429,13 @@ class Engine:
             wait = self._wait_time()
             if stopping:
                 with self._lock:
-                    if not (self._queue or self._retries or self._acks):
-                        return
+                    if self._queue or self._retries or self._acks:
+                        continue
+                    on_exit, self._on_exit = self._on_exit, []
+                    self._exited = True
+                for fn in on_exit:
+                    fn()
+                return
 
     def _lead(self, own: Action | None) -> None:
         """Write batches until nothing is left (or, for a sender, its own action is done)."""
@@ -387,16 +483,23 @@ class Engine:
             if not self._acks:
                 return batch, flushes
             # Acknowledgements ride along with the next write of their id, or go
-            # out in a sweep once things are quiet for `ack_delay` (or on flush).
+            # out in a sweep once `ack_delay` old (or on flush): under steady load
+            # too, else they pile up, and the outbox with them.
             ids = {a.id for a in batch}
             for id in ids & self._acks.keys():
                 batch.append(self._ack_action(id))
-            sweep = stopping or bool(flushes)
-            while self._acks and len(batch) < MAX_BATCH:
+            # A flush sweeps every deferred ack, batch after batch, not just one batch.
+            self._sweeping = self._sweeping or bool(flushes)
+            sweep = stopping or self._sweeping
+            room = MAX_BATCH  # beside the sends: a full queue must not starve the acks
+            while self._acks and room > 0:
+                room -= 1
                 id, (_, _, since) = next(iter(self._acks.items()))
-                if not (sweep or (not ids and now - since >= self.ack_delay)):
+                if not (sweep or now - since >= self.ack_delay):
                     break  # acks are in arrival order: the rest are younger
                 batch.append(self._ack_action(id))
+            if not self._acks:
+                self._sweeping = False
         return batch, flushes
 
     def _overdue(self) -> bool:
@@ -412,7 +515,7 @@ class Engine:
 
     def _ack_action(self, id: str) -> Action:
         seqs, fails, _ = self._acks.pop(id)
-        return Action(ACK, id, Future(), seqs=frozenset(seqs), failed=fails)
+        return Action(ACK, id, _ANSWERED, seqs=frozenset(seqs), failed=fails)
 
     def _wait_time(self) -> float:
         waits = [5.0]
@@ -451,18 +554,26 @@ class Engine:
         groups: dict[str, list[Action]] = {}
         for a in batch:
             groups.setdefault(a.id, []).append(a)
-        cached = {id: hit for id in groups if (hit := self.cache.get(id)) is not None}
+        checks = {a.id for a in batch if a.kind == CHECK}
+        cached = {
+            id: hit for id in groups if id not in checks and (hit := self.cache.get(id)) is not None
+        }
         missing = [id for id in groups if id not in cached]
         try:
             fetched = self.store.get_many(missing) if missing else {}
+            forked = [id for id, rec in fetched.items() if rec.conflicts]
+            leaves = self.store.leaves(forked) if forked else {}
         except CasernError as e:
             self._fail(batch, e)
             return
         plans: list[_Plan] = []
+        released: list[Delivery] = []
         for id, actions in groups.items():
             hit = cached.get(id)
             try:
-                if hit is not None:
+                if len(leaves.get(id, ())) > 1:
+                    plan = self._merge(id, leaves[id], actions)
+                elif hit is not None:
                     plan = self._fold(id, hit[0], actions, hit[1])
                 else:
                     plan = self._fold(id, fetched.get(id), actions)
@@ -481,10 +592,17 @@ class Engine:
                     self._retry_later(a)
             else:
                 self._resolve(plan)
+                if plan.acked:
+                    self.on_acked(plan.id, frozenset(plan.acked))
+                if id in checks and (rec := fetched.get(id)) is not None:
+                    released += self._release(id, rec.doc)
+        if released:
+            self._hand_over(released)
         if not plans:
             return
         plans = [p for p in plans if self._flush_log(p)]
-        writes = [Write(p.id, p.rev, p.doc or {}, p.history) for p in plans]
+        writes = [Write(p.id, p.rev, p.doc or {}, p.history, p.drop) for p in plans]
+        started = time.perf_counter()
         try:
             revs = self.store.put_many(writes) if writes else []
         except CasernError as e:
@@ -492,7 +610,9 @@ class Engine:
                 self.cache.pop(p.id)
                 self._fail(p.actions, e)
             return
+        _telemetry.commit_duration(time.perf_counter() - started)
         landed: list[_Plan] = []
+        landed_revs: dict[str, str] = {}
         for plan, rev in zip(plans, revs, strict=True):
             if isinstance(rev, CasernError):  # the store refused this one document
                 self.cache.pop(plan.id)
@@ -500,6 +620,7 @@ class Engine:
                 continue
             if rev is None:
                 self.cache.pop(plan.id)
+                _telemetry.conflict(plan.actions)
                 for a in plan.actions:
                     self._retry_later(a)
                 continue
@@ -507,18 +628,62 @@ class Engine:
             assert plan.doc is not None
             self.cache.put(Record(plan.id, rev, plan.doc), plan.state_json)
             landed.append(plan)
+            landed_revs[plan.id] = rev
+        if self.journal and landed:
+            self._confirm(landed, landed_revs)
         # Hand effects over before answering, so that a caller who has its answer
         # can rely on the listeners being under way (see `Casern.drain`).
-        deliveries = [d for plan in landed for d in plan.deliveries]
+        self._hand_over([d for plan in landed for d in plan.deliveries])
+        for plan in landed:
+            self._resolve(plan)
+            if plan.acked:
+                self.on_acked(plan.id, frozenset(plan.acked))
+
+    def _hand_over(self, deliveries: list[Delivery]) -> None:
         if deliveries:
             try:
                 self.on_commit(deliveries)
             except Exception:  # committed all the same: the outbox keeps the changes
                 log.exception("handing committed changes to the listeners failed")
+
+    def _confirm(self, landed: list[_Plan], revs: Mapping[str, str]) -> None:
+        """Hold back the changes of writes that may still fork; check those again later.
+
+        Listeners key their effects on `(id, seq)`: a change is handed over only
+        once no merge can give its seq to another change.
+        """
+        try:
+            sure = self.store.confirm(revs)
+        except CasernError as e:
+            log.warning("could not confirm %d write(s), checking again later: %s", len(landed), e)
+            sure = set()
         for plan in landed:
-            self._resolve(plan)
-            if plan.acked:
-                self.on_acked(plan.id, frozenset(plan.acked))
+            assert plan.doc is not None
+            if plan.id in sure:
+                seqs = {d.entry["seq"] for d in plan.deliveries}
+                held = [d for d in self._release(plan.id, plan.doc) if d.entry["seq"] not in seqs]
+                plan.deliveries[:0] = held
+            else:
+                self.cache.pop(plan.id)
+                self._held.setdefault(plan.id, []).extend(plan.deliveries)
+                plan.deliveries = []
+                self._check_later(plan.id)
+
+    def _merge(self, id: str, leaves: list[Record], actions: list[Action]) -> _Plan:
+        """Fold the sibling revisions of `id` into one write (see `_merge.py`), then `actions`."""
+        base = _merge.choose_base(leaves)
+        others = [leaf for leaf in leaves if leaf is not base]
+        rec, ops = _merge.replay(base, others)
+        replays = [
+            Action(
+                SEND, id, Future(), op["reducer"], dumps(op.get("data")), op.get("key"), uid=op["u"]
+            )
+            for op in ops
+        ]
+        plan = self._fold(id, rec, replays + actions, force=True)
+        plan.actions = actions
+        plan.drop = tuple(leaf.rev for leaf in others)
+        return plan
 
     def _flush_log(self, plan: _Plan) -> bool:
         """Write the committed entries the envelope is about to drop; False if that failed.
@@ -599,9 +764,18 @@ class Engine:
         return parsed
 
     def _fold(
-        self, id: str, rec: Record | None, actions: list[Action], state_json: str | None = None
+        self,
+        id: str,
+        rec: Record | None,
+        actions: list[Action],
+        state_json: str | None = None,
+        *,
+        force: bool = False,
     ) -> _Plan:
-        """Apply `actions` in order to one envelope; return what to write and to answer."""
+        """Apply `actions` in order to one envelope; return what to write and to answer.
+
+        `force`: write even if nothing changed (a merge must delete its siblings).
+        """
         doc: Doc = dict(rec.doc) if rec else {"state": {}, "seq": 0, "version": self.state_version}
         plan = _Plan(id, rec.rev if rec else None, None, actions, [])
         try:
@@ -622,12 +796,21 @@ class Engine:
         if self.log_chunk and len(log_) >= self.log_chunk:
             plan.flush_log, log_ = log_, []
         failed: list[Doc] = list(doc.get("failed", ()))
+        ops: list[Doc] = list(doc.get("ops", ()))
+        uids = {op["u"] for op in ops}
         changed = False  # the state changed: new seq(s)
         meta = False  # something else in the envelope changed
 
         limit = self.store.max_document_size
 
-        def step(name: str, data_json: str, key: str | None, a: Action, now: float) -> None:
+        def step(
+            name: str,
+            data_json: str,
+            key: str | None,
+            a: Action,
+            now: float,
+            fire: float | None = None,
+        ) -> None:
             nonlocal state, cur_json, seq, changed
             try:
                 new = self.reducers[name](
@@ -651,6 +834,7 @@ class Engine:
                 return
             seq += 1
             changed = True
+            _telemetry.committed(a, seq)
             record = {
                 "seq": seq,
                 "reducer": name,
@@ -661,8 +845,19 @@ class Engine:
             }
             if self.history:
                 (log_ if self.log_chunk else plan.history).append(record)
+            uid = ""
+            if self.journal:
+                uid = a.uid if fire is None else secrets.token_hex(8)
+                op = {"u": uid, "seq": seq, "reducer": name, "data": record["data"], "key": key}
+                if fire is not None:
+                    op["fire"] = fire
+                ops.append(op)
+                uids.add(uid)
             if self.outbox:
                 entry = dict(record, at=now, prev=json.loads(cur_json), state=json.loads(new_json))
+                _telemetry.stamp(a, entry)
+                if uid:
+                    entry["u"] = uid
                 pending.append(entry)
                 plan.deliveries.append(Delivery(id, entry))
             if key is not None:
@@ -675,7 +870,10 @@ class Engine:
             if a.kind in (SEND, FIRE, MIGRATE) and upgrade_error is not None:
                 plan.results.append((a, upgrade_error))
             elif a.kind == SEND:
-                if a.key is not None and a.key in keys:
+                if self.journal and not a.uid:
+                    a.uid = secrets.token_hex(8)  # kept across conflict retries
+                if (a.key is not None and a.key in keys) or (self.journal and a.uid in uids):
+                    _telemetry.duplicate(a)
                     plan.results.append((a, cur_json))
                 else:
                     step(a.reducer, a.data_json, a.key, a, now)
@@ -691,17 +889,19 @@ class Engine:
                     fired_any = meta = True
                     del due[name]
                     fired[name] = at
+                    _telemetry.fired(a, id, name, at, now)
                     before = len(plan.results)
-                    step(name, dumps({"now": now}), None, a, now)
+                    step(name, dumps({"now": now}), None, a, now, fire=at)
                     result = plan.results.pop(before) if len(plan.results) > before else None
                     if isinstance(result, BaseException):
                         log.error("timer %r of %r failed: %s", name, id, result)
                 plan.results.append((a, cur_json if fired_any else None))
             elif a.kind == ACK:
                 kept = [e for e in pending if e["seq"] not in a.seqs]
-                if len(kept) != len(pending) or a.failed:
-                    meta = True
-                    plan.acked.update(a.seqs)
+                meta = meta or len(kept) != len(pending) or bool(a.failed)
+                # Reported acknowledged even if nothing is left to remove (another
+                # process delivered it): the dispatcher stops tracking it either way.
+                plan.acked.update(a.seqs)
                 pending = kept
                 failed.extend(_storable(f) for f in a.failed)
                 plan.results.append((a, None))
@@ -725,6 +925,13 @@ class Engine:
             elif a.kind == MIGRATE:
                 plan.results.append((a, upgraded))
                 meta = meta or upgraded
+            elif a.kind == CLAIM:
+                claimed = self._claim(id, pending, a.seqs, now)
+                plan.deliveries.extend(claimed)
+                meta = meta or bool(claimed)
+                plan.results.append((a, len(claimed)))
+            elif a.kind == CHECK:
+                plan.results.append((a, None))
 
         if changed and self.timers:
             try:
@@ -740,14 +947,16 @@ class Engine:
             # Entries left pending by a process that died go first, so this id's
             # listeners still run in seq order (the dispatcher skips those in flight).
             ours = {d.entry["seq"] for d in plan.deliveries}
-            cutoff = time.time() - self.redeliver_after
-            stale = [
-                Delivery(id, e)
+            now = time.time()
+            cutoff = now - self.redeliver_after
+            old = {
+                e["seq"]
                 for e in pending
                 if e["seq"] not in ours and e["seq"] < max(ours) and e["at"] <= cutoff
-            ]
+            }
+            stale = self._claim(id, pending, old, now) if old else []
             plan.deliveries[:0] = sorted(stale, key=lambda d: d.entry["seq"])
-        if not (changed or meta or plan.flush_log):
+        if not (changed or meta or plan.flush_log or force):
             return plan
         del keys[: max(0, len(keys) - self.keep_keys)]
         new_doc: Doc = {
@@ -771,9 +980,29 @@ class Engine:
         if failed:
             new_doc["failed"] = failed
             new_doc["nfailed"] = len(failed)
+        if ops:
+            new_doc["ops"] = ops[-self.keep_keys :]
         plan.doc = new_doc
         plan.state_json = cur_json if upgrade_error is None else dumps(new_doc["state"])
         return plan
+
+    def _claim(self, id: str, pending: list[Doc], seqs: Set[int], now: float) -> list[Delivery]:
+        """Claim the entries of `seqs` no other live process holds; replaces them in place.
+
+        A live claim by another process is left alone; the revision check of the
+        write that carries the claims makes one process win a race for the same entry.
+        """
+        claimed: list[Delivery] = []
+        for i, e in enumerate(pending):
+            if e["seq"] not in seqs:
+                continue
+            claim = e.get("claim")
+            if claim is not None and claim["by"] != self.token and claim["until"] > now:
+                continue
+            until = now + (self.redeliver_after or 0.0)
+            pending[i] = e = dict(e, claim={"by": self.token, "until": until})
+            claimed.append(Delivery(id, e))
+        return claimed
 
     def _pending_since(self, old: float | None, pending: list[Doc]) -> float:
         """The indexed lower bound of the outbox's applied times, changed as seldom as safe.
@@ -808,6 +1037,12 @@ class Engine:
                     f"timers function {name!r} returned {at!r}; return epoch seconds or None"
                 )
             at = float(at)
+            if at > YEAR_5000:
+                raise ReducerError(
+                    f"timers function {name!r} returned {at!r}, a time after the year 5000:"
+                    " that looks like milliseconds (a JavaScript habit); return epoch seconds,"
+                    " e.g. time.time() + 60"
+                )
             if fired.get(name) == at:
                 due.pop(name, None)
                 continue

@@ -11,7 +11,8 @@
     ├── InvalidId           (also a ValueError)  an id that cannot be stored safely
     ├── StoreUnavailable    (also a ConnectionError) the database cannot be reached
     ├── ConflictError                             optimistic-lock retries exhausted
-    └── UpgradeError                              a stored state cannot be upgraded
+    ├── UpgradeError                              a stored state cannot be upgraded
+    └── InvalidQuery        (also a ValueError)  a `find` selector it cannot run
 
 On every one of them nothing is written, the stored state is unchanged and no
 listener runs.
@@ -24,6 +25,7 @@ __all__ = [
     "ConflictError",
     "InvalidData",
     "InvalidId",
+    "InvalidQuery",
     "InvalidState",
     "ReducerError",
     "StoreUnavailable",
@@ -73,3 +75,7 @@ class ConflictError(CasernError):
 
 class UpgradeError(CasernError):
     """A stored state cannot be upgraded to this code's `state_version`."""
+
+
+class InvalidQuery(CasernError, ValueError):
+    """A `find` selector (or an `indexes` field) casern cannot run; the message names the part."""

@@ -7,6 +7,9 @@
 Run it with `uvicorn examples.fastapi_app:api`. The lifespan handler starts casern's
 scheduler on the server's event loop (`astart`), so timers fire in this process;
 `await app.asend(...)` lets many requests' changes share one commit.
+
+The casern inspector is mounted at /inspector (ASGI); set INSPECTOR_TOKEN wherever
+the API is reachable by others, and it asks for that token.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 import casern
+import casern.inspector
 
 from . import conversations
 
@@ -47,6 +51,12 @@ def create_api(factory: Callable[[], casern.Casern] = casern_app) -> FastAPI:
             machines.close()
 
     api = FastAPI(title="conversations", lifespan=lifespan)
+    # The inspector, at /inspector/: the casern app is built at startup, so it gets a
+    # function that returns it.
+    api.mount(
+        "/inspector",
+        casern.inspector.asgi(lambda: api.state.machines, token=os.environ.get("INSPECTOR_TOKEN")),
+    )
 
     def error(status: int, message: str) -> JSONResponse:
         return JSONResponse({"error": message}, status_code=status)

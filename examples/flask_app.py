@@ -11,6 +11,9 @@ Run the web app, and the timers in a separate worker process::
 
 Flask serves each request in a thread; `send` is thread-safe and blocks only until
 the change is committed, so a view can call it directly.
+
+The casern inspector is mounted at /inspector (WSGI); set INSPECTOR_TOKEN wherever
+the app is reachable by others, and it asks for that token.
 """
 
 from __future__ import annotations
@@ -20,8 +23,10 @@ import time
 from typing import Any
 
 from flask import Flask, jsonify, request
+from werkzeug.middleware.dispatcher import DispatcherMiddleware
 
 import casern
+import casern.inspector
 
 from . import conversations
 
@@ -59,6 +64,10 @@ def create_app(machines: casern.Casern | None = None) -> Flask:
         if state is None:
             return jsonify(error=f"no conversation {id!r}"), 404
         return jsonify(state)
+
+    # The inspector: a web page to look into the machines, at /inspector/.
+    inspector = casern.inspector.wsgi(app, token=os.environ.get("INSPECTOR_TOKEN"))
+    web.wsgi_app = DispatcherMiddleware(web.wsgi_app, {"/inspector": inspector})
 
     @web.errorhandler(casern.StoreUnavailable)
     def store_unavailable(e: Exception) -> Any:

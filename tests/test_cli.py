@@ -532,3 +532,34 @@ def test_store_overrides_the_store_of_an_app_instance(tmp_path: Path) -> None:
         )
         assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout) == {"n": 2}  # both sends went to other.db, not memory
+
+
+def test_find_prints_matching_ids_one_per_line(
+    cli_app: CLIApp, opened: Callable[[], casern.Casern]
+) -> None:
+    app = opened()
+    for i in range(1205):
+        app.send("inc", f"m-{i:04d}", {"team": "a" if i % 2 else "b"})
+    app.close()
+
+    every = [f"m-{i:04d}" for i in range(1, 1205, 2)]
+    result = cli_app.invoke("find", '{"last.team": "a"}')
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines() == every
+    paged = cli_app.invoke("find", '{"last.team": {"$in": ["a"]}}', "--after", "m-0003")
+    assert paged.stdout.splitlines() == every[2:]
+    limited = cli_app.invoke("find", '{"last.team": "a"}', "--limit", "1001")
+    assert limited.stdout.splitlines() == every[:1001]  # more than one page of 1,000
+    assert cli_app.invoke("find", '{"last.team": "c"}').stdout == ""
+
+
+def test_find_refuses_a_selector_in_one_line(cli_app: CLIApp) -> None:
+    bad_json = cli_app.invoke("find", "{status: open}")
+    assert bad_json.exit_code == 2
+    assert "SELECTOR" in bad_json.stderr and "is not valid JSON" in bad_json.stderr
+    bad_query = cli_app.invoke("find", '{"status": {"$regex": "o"}}')
+    assert bad_query.exit_code == 1
+    assert bad_query.stderr.strip() == (
+        "casern: error: unknown operator '$regex' on field 'status'"
+        " (supported: $eq $ne $gt $gte $lt $lte $in $nin $exists)"
+    )

@@ -62,6 +62,18 @@ def test_unknown_reducer_names_the_known_ones(app: Any) -> None:
     assert_untouched(app)
 
 
+def test_unknown_reducer_suggests_the_closest_name(app: Any) -> None:
+    with pytest.raises(casern.UnknownReducer, match=r"did you mean 'inc'\?"):
+        app.send("incr", "a")
+    assert_untouched(app)
+
+
+def test_reducers_in_the_preferences_slot_get_a_hint_on_the_positional_order() -> None:
+    app = casern.Casern("sqlite://", {"inc": inc})
+    with app, pytest.raises(casern.UnknownReducer, match=r"'inc' is in preferences.*reducers="):
+        app.send("inc", "a")
+
+
 def test_invalid_data_names_the_failing_path(app: Any) -> None:
     with pytest.raises(casern.InvalidData, match=r"\$\.meta\.n"):
         app.send("say", "a", {"text": "hi", "meta": {"n": "x"}})
@@ -309,7 +321,7 @@ def test_bad_backoffs_and_tables_are_refused() -> None:
 
 
 @pytest.mark.parametrize(
-    "url", ["sqlite:orders.db", "sqlite://host/x.db", "sqlite:///x.db?mode=ro"]
+    "url", ["sqlite:orders.db", "sqlite:/x.db", "sqlite://host/x.db", "sqlite:///x.db?mode=ro"]
 )
 def test_sqlite_url_typos_are_refused_not_guessed(url: str) -> None:
     with pytest.raises(ValueError, match="sqlite:///"):
@@ -325,3 +337,9 @@ def test_an_sqlite_file_from_a_newer_casern_is_refused_not_misread(tmp_path: Any
         db.execute("PRAGMA user_version = 99")
     with pytest.raises(casern.StoreUnavailable, match="written by a newer casern"):
         casern.Casern(f"sqlite:///{path}", {}, {}, {"inc": inc}, {})
+
+
+def test_an_sqlite_file_in_a_folder_that_is_not_writable_says_so() -> None:
+    # /sys refuses new files even to root (for whom permission bits do not count).
+    with pytest.raises(casern.StoreUnavailable, match="the folder /sys is not writable"):
+        casern.Casern("sqlite:////sys/state.db", {}, {}, {"inc": inc}, {})

@@ -281,3 +281,41 @@ def test_a_hung_listener_does_not_keep_the_process_alive(store_url: str) -> None
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "closed"
     assert time.monotonic() - started < 30
+
+
+def _listener_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("casern-listener")]
+
+
+def test_listener_threads_are_bounded_and_leave_after_close(make_app: Any) -> None:
+    busy = threading.Event()
+    most = [0]
+
+    def slow(c: casern.Change) -> None:
+        most[0] = max(most[0], len(_listener_threads()))
+        busy.wait(0.01)
+
+    app = make_app(listeners={"slow": slow})
+    for i in range(60):  # sixty lanes at once: more than the pool may take
+        app.send("inc", f"m{i}")
+    assert app.drain(30)
+    assert 1 <= most[0] <= 9  # at most 8 workers and their watchdog
+    app.close()
+    deadline = time.monotonic() + 10
+    while _listener_threads() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _listener_threads() == []
+
+
+def test_a_sync_listener_may_return_an_awaitable(make_app: Any) -> None:
+    seen: list[int] = []
+
+    async def later(seq: int) -> None:
+        await asyncio.sleep(0)
+        seen.append(seq)
+
+    app = make_app(listeners={"l": lambda c: later(c.seq)})
+    app.send("inc", "a")
+    app.send("inc", "a")
+    assert app.drain(10)
+    assert seen == [1, 2]

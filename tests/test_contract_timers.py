@@ -175,6 +175,15 @@ def test_a_timers_function_returning_infinity_refuses_the_send(make_app: Any) ->
     assert app.get("a") is None
 
 
+def test_a_timers_function_returning_milliseconds_is_refused_with_a_message_that_says_so(
+    make_app: Any,
+) -> None:
+    app = make_app(REDUCERS, timers={"wake": lambda p, s: time.time() * 1000})
+    with pytest.raises(casern.ReducerError, match="milliseconds"):
+        app.send("remind", "a", {"at": 1, "in": 1})
+    assert app.get("a") is None
+
+
 def test_run_once_never_fires_early_even_when_asked_for_a_later_now(make_app: Any) -> None:
     app = make_app(REDUCERS, timers=TIMERS)
     app.send("remind", "a", {"at": time.time(), "in": 3600})

@@ -16,20 +16,28 @@ envelopes with revision-checked writes. The envelope is a JSON object::
      "log":     [{...}, ...],   # newest history entries (stores without atomic history)
      "next_due": t | null,      # min(due), indexed
      "pending_since": t | null, # applied time of the oldest pending entry, indexed
-     "nfailed": n}              # len(failed), indexed
+     "nfailed": n,              # len(failed), indexed
+     "ops":     [{...}, ...]}   # newest applied actions, each with a unique `u` (stores that fork)
 
 A store never interprets `state`; it indexes `next_due`, `pending_since` and
 `nfailed` so that timers and recovery cost O(due), not O(machines).
+
+A store that replicates (a CouchDB cluster, `may_fork`) can end up with
+*sibling* revisions of one envelope: concurrent writers each won on some
+replica. It says so (`Record.conflicts`, `leaves`, `confirm`) and deletes
+siblings on request (`Write.drop`); merging them is the engine's job
+(`casern/_merge.py`), since only the engine can replay actions.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from .._errors import CasernError, InvalidState
+from .._query import Query, matches
 
 __all__ = ["Record", "Store", "Write"]
 
@@ -38,11 +46,16 @@ Doc = dict[str, Any]
 
 @dataclass(frozen=True, slots=True)
 class Record:
-    """One stored envelope at one revision (`rev` is opaque to the engine)."""
+    """One stored envelope at one revision (`rev` is opaque to the engine).
+
+    `conflicts` lists the sibling leaf revisions beside this (winning) one:
+    always empty on a store that cannot fork.
+    """
 
     id: str
     rev: str
     doc: Doc
+    conflicts: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,12 +65,15 @@ class Write:
     `history` holds the history entries (dicts with an int `seq`) of the changes
     this write commits; a store with `atomic_history` writes them in the same
     transaction, other stores ignore them (the engine relays them later).
+    `drop` names sibling revisions (see `Record.conflicts`) to delete in the same
+    request once `doc` holds what they held; one that changed meanwhile stays.
     """
 
     id: str
     rev: str | None
     doc: Doc
     history: Sequence[Doc] = field(default=())
+    drop: tuple[str, ...] = ()
 
 
 class Store(ABC):
@@ -72,6 +88,9 @@ class Store(ABC):
     url: str
     #: True if `put_many` writes `Write.history` atomically with the envelope.
     atomic_history: bool = False
+    #: True if an envelope can get sibling revisions (replicas that accept
+    #: writes independently); the engine then journals, confirms and merges.
+    may_fork: bool = False
     #: The largest envelope the store holds, in bytes of JSON (None: no limit).
     #: A state bigger than this is refused with `InvalidState` before any write.
     max_document_size: int | None = None
@@ -118,6 +137,54 @@ class Store(ABC):
     @abstractmethod
     def ids(self, *, prefix: str = "", after: str | None = None, limit: int = 1000) -> list[str]:
         """Stored ids in ascending order, starting with `prefix`, greater than `after`."""
+
+    # -- finding machines by their state (casern/_query.py parses selectors) ----------
+
+    def ensure_indexes(self, fields: Sequence[tuple[str, ...]]) -> None:
+        """Index these state fields (paths of object keys) for `find`, if not yet indexed.
+
+        Must be cheap when the indexes exist: every app calls it when it opens.
+        """
+        return None
+
+    def find(self, query: Query, *, limit: int, after: str | None = None) -> list[str]:
+        """Ids whose stored state matches `query`, ascending by code point, > `after`.
+
+        States are matched as stored (an older `version` in its old shape).
+        This default scans every envelope; stores translate `query` instead.
+        """
+        out: list[str] = []
+        cursor = after
+        while len(out) < limit:
+            page = self.ids(after=cursor, limit=500)
+            if not page:
+                break
+            records = self.get_many(page)
+            out.extend(
+                id
+                for id in page
+                if id in records and matches(query, records[id].doc.get("state", {}))
+            )
+            cursor = page[-1]
+        return sorted(out)[:limit]
+
+    def leaves(self, ids: Sequence[str]) -> dict[str, list[Record]]:
+        """Every leaf revision of each stored id (the winner first), deleted ones left out."""
+        return {id: [rec] for id, rec in self.get_many(ids).items()}
+
+    def forked(self, limit: int) -> list[str]:
+        """Ids that have sibling revisions now, at most `limit` (cost: O(forks))."""
+        return []
+
+    def confirm(self, landed: Mapping[str, str]) -> set[str]:
+        """The ids (of `landed`: id -> revision just written) that can no longer fork.
+
+        An id is confirmed when its revision is the only leaf and no replica can
+        still accept a sibling of it. A change is handed to listeners only then,
+        so that `(id, seq)` never names two changes. A store that cannot fork
+        confirms everything at no cost.
+        """
+        return set(landed)
 
     def close(self) -> None:
         """Release connections; the store is not used afterwards."""

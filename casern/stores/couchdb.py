@@ -1,23 +1,35 @@
 """The CouchDB store: one document per machine, revisions as optimistic locks.
 
-Speaks the plain CouchDB 2.x/3.x HTTP API (tested against Apache CouchDB and
-pouchdb-server) through one thread-safe `httpx.Client`. Machine ids only ever
+Speaks the plain CouchDB 2.x/3.x HTTP API (tested against Apache CouchDB 3.5,
+single node and a 3-node cluster, and pouchdb-server) through one thread-safe
+`httpx.Client`. Machine ids only ever
 travel in JSON bodies (`_all_docs` keys, `_bulk_docs` docs), never in URL
 paths, so no id can reach another document, database or endpoint.
 
 History entries live in a second database, `<dbname>-history`, one document
 per `(id, seq)` with a deterministic id, so rewriting one is harmless.
+
+On a cluster (`GET /db` says `cluster.n` > 1) a document can fork: each replica
+accepts the first child of a revision that reaches it, so two writers on one
+revision can both win somewhere. There the store writes with `w=n` (every
+replica must take the write for a 201), reads with `conflicts=true`, and
+`confirm` re-reads from all `n` replicas before the engine lets listeners see
+a change (see `casern/_merge.py` for the merge).
 """
 
 from __future__ import annotations
 
+import bisect
+import hashlib
 import json
 import logging
 import random
 import re
 import secrets
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
@@ -25,6 +37,7 @@ import httpx
 
 from .._errors import CasernError, InvalidState, StoreUnavailable
 from .._ids import check_id
+from .._query import RANGES, All, AnyOf, Cond, Query, matches, paths
 from .base import Doc, Record, Store, Write, chunks, too_large
 
 __all__ = ["CouchDBStore"]
@@ -62,6 +75,11 @@ _BAD_DOCUMENT = {"doc_validation", "bad_request", "RangeError"}
 # The Mango indexes that keep timers and recovery O(due), not O(machines).
 _INDEXES = ("next_due", "pending_since", "nfailed")
 
+# A view of the ids that have sibling revisions (on a cluster): its size is the
+# number of forks, so a sweep over it costs O(forks), not O(machines).
+_FORKS = "casern-forks"
+_FORKS_MAP = "function (doc) { if (doc._conflicts) { emit(null, null); } }"
+
 # A lower bound below every epoch time. pouchdb-server matches documents
 # *without* the field for a bare `$lte`, so every range query is bounded on
 # both sides; the bound also excludes null.
@@ -72,6 +90,101 @@ def _ddoc(field: str) -> str:
     return f"casern-{field}"
 
 
+#: `_find` answers 25 documents unless told otherwise; find wants every match.
+_FIND_ALL = 2**31 - 1
+
+
+def _find_ddoc(path: tuple[str, ...]) -> str:
+    return "casern-find-" + hashlib.sha1(".".join(path).encode()).hexdigest()[:16]
+
+
+def _mango_field(path: tuple[str, ...]) -> str:
+    # Keys hold no "." nor "\\" (refused by _query.check_path): nothing to escape.
+    return ".".join(("state", *path))
+
+
+@dataclass(frozen=True)
+class _FindRequest:
+    """One find: the query, its Mango selector, the fields to fetch, the recheck."""
+
+    query: Query
+    decided: frozenset[Cond]
+    fields: list[str]
+
+    @property
+    def selector(self) -> dict[str, Any]:
+        return _mango(self.query)
+
+    def matches(self, doc: Doc) -> bool:
+        return matches(self.query, doc.get("state", {}), self.decided)
+
+
+def _after(selector: dict[str, Any], after: str | None) -> dict[str, Any]:
+    if after is None:
+        return selector
+    later = {"_id": {"$gt": after}}
+    return {"$and": [selector, later]} if selector else later
+
+
+def _indexed_equality(query: Query, indexed: frozenset[tuple[str, ...]]) -> tuple[str, ...] | None:
+    """An indexed field that the top `$and` of `query` compares for equality, if any."""
+    for part in query.parts if isinstance(query, All) else (query,):
+        if isinstance(part, Cond) and part.op == "eq" and part.path in indexed:
+            return part.path
+    return None
+
+
+def _string_ranges(query: Query) -> frozenset[Cond]:
+    """The string range conditions that every answer of `_mango(query)` satisfies."""
+    if isinstance(query, All):
+        return frozenset().union(*map(_string_ranges, query.parts))
+    if isinstance(query, Cond) and query.op in RANGES and isinstance(query.value, str):
+        return frozenset((query,))
+    return frozenset()
+
+
+def _mango(query: Query) -> dict[str, Any]:
+    """A Mango selector matching at least what `casern._query.matches` matches.
+
+    `find` checks every answer again, so this may match more, never less.
+    Mango compares across types by CouchDB's collation (null < false < true <
+    numbers < strings < arrays < objects), so every range gets a second bound
+    that keeps the index range within its type. `{}` is no constraint: what
+    no index can serve (`$ne`, `$nin`, `$exists: false`) is left to the check,
+    also because pouchdb-server answers those from an index of the field,
+    which lacks documents without it (and, for `$nin`, those holding null).
+    """
+    if isinstance(query, All):
+        parts = [p for p in map(_mango, query.parts) if p]
+        return parts[0] if len(parts) == 1 else {"$and": parts} if parts else {}
+    if isinstance(query, AnyOf):
+        parts = [_mango(q) for q in query.parts]
+        return {"$or": parts} if all(parts) else {}
+    op, value = query.op, query.value
+    cond: dict[str, Any]
+    if op in ("ne", "nin") or (op == "exists" and not value):
+        return {}
+    if op == "exists":
+        cond = {"$exists": True}
+    elif op == "in":
+        field = _mango_field(query.path)
+        if None in value:  # Apache CouchDB 3.5 fails (500 function_clause) on $in with null
+            rest = [v for v in value if v is not None]
+            return {"$or": [{field: {"$eq": None}}, *([{field: {"$in": rest}}] if rest else [])]}
+        cond = {"$in": list(value)}
+    elif op == "eq":
+        cond = {"$eq": value}
+    elif isinstance(value, str):  # strings sort above true and numbers, below arrays
+        cond = (
+            {f"${op}": value, "$gte": ""} if op in ("lt", "lte") else {f"${op}": value, "$lt": []}
+        )
+    else:  # numbers sort above true, below strings
+        cond = (
+            {f"${op}": value, "$gt": True} if op in ("lt", "lte") else {f"${op}": value, "$lt": ""}
+        )
+    return {_mango_field(query.path): cond}
+
+
 def _history_id(id: str, seq: int) -> str:
     return f"{id}{_SEP}{seq:0{_SEQ_DIGITS}d}"
 
@@ -79,6 +192,10 @@ def _history_id(id: str, seq: int) -> str:
 def _generation(rev: str) -> int:
     head, _, _ = rev.partition("-")
     return int(head) if head.isdigit() else 0
+
+
+def _record(id: str, doc: Doc) -> Record:
+    return Record(id, doc["_rev"], _clean(doc), tuple(doc.get("_conflicts", ())))
 
 
 def _clean(doc: Doc) -> Doc:
@@ -144,6 +261,12 @@ class CouchDBStore(Store):
     """
 
     atomic_history = False
+    #: Replicas per document (`cluster.n`); 1 on a single node and pouchdb-server.
+    n: int = 1
+
+    @property
+    def may_fork(self) -> bool:  # type: ignore[override]
+        return self.n > 1
 
     def __init__(
         self,
@@ -191,6 +314,10 @@ class CouchDBStore(Store):
         self._db = "/" + quote(dbname, safe="")
         self._hdb = "/" + quote(dbname + "-history", safe="")
         self._retries = max(0, retries)
+        self._forks_view = False
+        # Writes a cluster acknowledged with 202 (not every replica has them yet).
+        self._partial: set[tuple[str, str]] = set()
+        self._partial_lock = threading.Lock()
         base = urlunsplit((parts.scheme, netloc, "/".join(segments[:-1]), "", ""))
         self._client = httpx.Client(
             base_url=base,
@@ -211,6 +338,9 @@ class CouchDBStore(Store):
             elif not pouch:  # pouchdb-server has no document limit
                 self.max_document_size = self._read_max_document_size()
             self._create(self._db)
+            info = self._call("GET", self._db, db=self._db)
+            cluster = info.get("cluster") if isinstance(info, dict) else None
+            self.n = int(cluster.get("n", 1)) if isinstance(cluster, dict) else 1
         except BaseException:
             self._client.close()
             raise
@@ -222,12 +352,73 @@ class CouchDBStore(Store):
         for id in ids:
             check_id(id)  # "_design/x" would read a design document
         found: dict[str, Record] = {}
+        params = {"include_docs": "true"}
+        if self.may_fork:
+            params["conflicts"] = "true"
         for part in chunks(list(dict.fromkeys(ids)), CHUNK):
-            for row in self._rows(self._db, list(part)):
+            for row in self._rows(self._db, list(part), params):
                 doc = row.get("doc")
                 if isinstance(doc, dict):  # missing: error row; deleted: doc null
-                    found[row["id"]] = Record(row["id"], doc["_rev"], _clean(doc))
+                    found[row["id"]] = _record(row["id"], doc)
         return found
+
+    def leaves(self, ids: Sequence[str]) -> dict[str, list[Record]]:
+        """`_bulk_get` without revisions: every leaf (`open_revs=all`), the winner first."""
+        for id in ids:
+            check_id(id)
+        out: dict[str, list[Record]] = {}
+        for part in chunks(list(dict.fromkeys(ids)), CHUNK):
+            body = {"docs": [{"id": id} for id in part]}
+            answer = self._call("POST", self._db + "/_bulk_get", body, db=self._db)
+            for res in answer["results"]:
+                docs = [got["ok"] for got in res.get("docs", []) if isinstance(got.get("ok"), dict)]
+                live = [d for d in docs if not d.get("_deleted")]
+                if live:
+                    # CouchDB's winner: the highest generation, then the highest rev string.
+                    live.sort(key=lambda d: (_generation(d["_rev"]), d["_rev"]), reverse=True)
+                    out[res["id"]] = [_record(res["id"], d) for d in live]
+        return out
+
+    def forked(self, limit: int) -> list[str]:
+        """A view over `_conflicts` (created on first use): the ids with sibling revisions."""
+        if not self.may_fork or limit <= 0:
+            return []
+        ddoc = f"{self._db}/_design/{_FORKS}"
+        if not self._forks_view:
+            view = {"views": {"ids": {"map": _FORKS_MAP}}}
+            self._call("PUT", ddoc, view, expect=(409,), db=self._db)  # 409: there already
+            self._forks_view = True
+        params = {"limit": str(limit)}
+        rows = self._call("GET", ddoc + "/_view/ids", params=params, db=self._db)["rows"]
+        return [row["id"] for row in rows]
+
+    def confirm(self, landed: Mapping[str, str]) -> set[str]:
+        """Re-read every id from all `n` replicas (`r=n`, `conflicts=true`).
+
+        A write that every replica took (201 with `w=n`) left its parent a leaf
+        nowhere, so no writer can fork it any more; if the re-read then shows
+        it as the only leaf, nothing can take its place. A 202 (a replica did
+        not take it: a node down or slow) is not confirmed: the engine checks
+        again later.
+        """
+        if not self.may_fork:
+            return set(landed)
+        with self._partial_lock:
+            partial = {id for id, rev in landed.items() if (id, rev) in self._partial}
+            self._partial.difference_update((id, landed[id]) for id in partial)
+        sure: set[str] = set()
+        params = {"include_docs": "true", "conflicts": "true", "r": str(self.n)}
+        todo = [id for id in landed if id not in partial]
+        for part in chunks(todo, CHUNK):
+            for row in self._rows(self._db, list(part), params):
+                doc = row.get("doc")
+                if (
+                    isinstance(doc, dict)
+                    and doc.get("_rev") == landed[row["id"]]
+                    and not doc.get("_conflicts")
+                ):
+                    sure.add(row["id"])
+        return sure
 
     def put_many(self, writes: Sequence[Write]) -> list[str | CasernError | None]:
         """One `_bulk_docs` per chunk; a retried chunk never applies a write twice."""
@@ -249,8 +440,15 @@ class CouchDBStore(Store):
                 raise ValueError(f"a history entry needs an int seq >= 0, not {seq!r}")
             docs.append({**_clean(entry), "_id": _history_id(id, seq)})
         for part in chunks(docs, CHUNK):
-            # Creates without _rev: a resend after a lost answer just conflicts.
-            rows = self._call("POST", self._hdb + "/_bulk_docs", {"docs": list(part)}, db=self._hdb)
+            # Creates without _rev: a resend after a lost answer just conflicts. On a
+            # cluster every replica takes them (w=n), so any replica's _all_docs shows them.
+            rows = self._call(
+                "POST",
+                self._hdb + "/_bulk_docs",
+                {"docs": list(part)},
+                params=self._quorum(),
+                db=self._hdb,
+            )
             for row in rows:
                 if "error" in row and row["error"] != "conflict":
                     raise self._refused(row)
@@ -320,6 +518,96 @@ class CouchDBStore(Store):
     def close(self) -> None:
         self._client.close()
 
+    # -- find: the store-neutral query as Mango ---------------------------------
+
+    #: The state fields `ensure_indexes` indexed: an equality on one pages in id order.
+    _find_paths: frozenset[tuple[str, ...]] = frozenset()
+
+    def ensure_indexes(self, fields: Sequence[tuple[str, ...]]) -> None:
+        """One Mango index per state field, posted only if its design document is missing.
+
+        Re-posting an existing index makes pouchdb-server rebuild it.
+        """
+        self._find_paths = frozenset(fields)
+        names = {_find_ddoc(path): path for path in fields}
+        if not names:
+            return
+        have = {
+            r["id"]
+            for r in self._rows(self._db, [f"_design/{n}" for n in names])
+            if isinstance(r.get("doc"), dict)
+        }
+        for name, path in names.items():
+            if f"_design/{name}" not in have:
+                index = {
+                    "index": {"fields": [_mango_field(path)]},
+                    "ddoc": name,
+                    "name": "state",
+                    "type": "json",
+                }
+                self._call("POST", self._db + "/_index", index, db=self._db)
+
+    def find(self, query: Query, *, limit: int, after: str | None = None) -> list[str]:
+        """Matches from `_find`, each checked again with `matches`, in code point id order.
+
+        Only the fields the query reads come back, and `matches` checks them, so
+        `_mango` may match more (pouchdb-server also answers a superset for some
+        ranges: `$gt` read as `$gte` on an index). String ranges of the top
+        `$and` keep the server's order (ICU collation on Apache CouchDB), which
+        it applied to every answer.
+        """
+        pouch = self._high == "\uffff"
+        decided = frozenset() if pouch else _string_ranges(query)
+        request = _FindRequest(query, decided, ["_id", *map(_mango_field, paths(query))])
+        field = None if pouch else _indexed_equality(query, self._find_paths)
+        if field is not None:
+            found = self._find_by_index(request, field, limit, after)
+            if found is not None:
+                return found
+        return self._find_all(request, limit, after, pouch)
+
+    def _find_by_index(
+        self, request: _FindRequest, field: tuple[str, ...], limit: int, after: str | None
+    ) -> list[str] | None:
+        """Page an equality on an indexed field straight from its index, `limit` at a time.
+
+        Apache CouchDB orders index rows of one key by raw (code point) id, and
+        compares `_id` the same way; None if the server did not use the index.
+        """
+        ddoc = f"_design/{_find_ddoc(field)}"
+        out: list[str] = []
+        while True:
+            body = {
+                "selector": _after(request.selector, after),
+                "fields": request.fields,
+                "limit": limit,
+                "use_index": [ddoc, "state"],
+            }
+            answer = self._call("POST", self._db + "/_find", body, db=self._db)
+            if ddoc in str(answer.get("warning", "")):  # "... was not used because ..."
+                return None
+            docs = answer["docs"]
+            out.extend(d["_id"] for d in docs if request.matches(d))
+            if len(out) >= limit or len(docs) < limit:
+                return out[:limit]
+            after = docs[-1]["_id"]
+
+    def _find_all(
+        self, request: _FindRequest, limit: int, after: str | None, pouch: bool
+    ) -> list[str]:
+        """Every match, sorted here: Mango answers in index order, not id order.
+
+        A page then costs every match of the selector (after `after` on Apache
+        CouchDB; pouchdb-server compares `_id` by UTF-16 unit, so it gets none).
+        """
+        selector = request.selector if pouch else _after(request.selector, after)
+        body = {"selector": selector, "fields": request.fields, "limit": _FIND_ALL}
+        docs = self._call("POST", self._db + "/_find", body, db=self._db)["docs"]
+        ids = sorted(d["_id"] for d in docs if request.matches(d))
+        if after is not None:
+            ids = ids[bisect.bisect_right(ids, after) :]
+        return ids[:limit]
+
     # -- writes ---------------------------------------------------------------
 
     def _put_chunk(self, writes: Sequence[Write]) -> list[str | CasernError | None]:
@@ -358,7 +646,19 @@ class CouchDBStore(Store):
                     if not todo:
                         return results
                 docs = b'{"docs":[' + b",".join(encoded[i] for i in todo) + b"]}"
-                rows = self._once("POST", self._db + "/_bulk_docs", docs, documents=True)
+                status: list[int] = []
+                rows = self._once(
+                    "POST",
+                    self._db + "/_bulk_docs",
+                    docs,
+                    params=self._quorum(),
+                    status=status,
+                    documents=True,
+                )
+                if status and status[0] == 202 and self.may_fork:
+                    self._note_partial(
+                        (row["id"], row["rev"]) for row in rows if "error" not in row
+                    )
             except _DocRefused as exc:
                 # The server refused the whole request for a document it did not name
                 # (nothing was written): send them one by one to refuse only that one.
@@ -383,13 +683,44 @@ class CouchDBStore(Store):
                 self._create(self._db)
                 failure = "the database was missing and has been created again"
                 continue
-            for i, row in zip(_by_id(writes, todo, rows), rows, strict=True):
+            order = _by_id(writes, todo, rows)
+            self._drop(
+                [writes[i] for i, row in zip(order, rows, strict=True) if "error" not in row]
+            )
+            for i, row in zip(order, rows, strict=True):
                 if "error" not in row:
                     results[i] = row["rev"]
                 elif row["error"] != "conflict":  # about this document only (a validation)
                     results[i] = InvalidState(str(self._refused(row)))
             return results
         raise self._unavailable(failure)
+
+    def _drop(self, landed: Sequence[Write]) -> None:
+        """Delete the siblings merged into writes that landed (best effort).
+
+        Not in the same request as the merged write: were that write refused
+        while a deletion went through, the sibling's changes would be gone. A
+        sibling left behind (moved on, or this request failed) is still a
+        conflict and is merged again; its actions are journaled, so none is
+        applied twice.
+        """
+        drops = [{"_id": w.id, "_rev": rev, "_deleted": True} for w in landed for rev in w.drop]
+        if not drops:
+            return
+        try:
+            self._call("POST", self._db + "/_bulk_docs", {"docs": drops}, db=self._db)
+        except StoreUnavailable as e:
+            log.warning("CouchDB at %s: merged siblings not deleted yet (%s)", self.url, e)
+
+    def _quorum(self) -> dict[str, str] | None:
+        """Write parameters: on a cluster, every replica must take a write for a 201."""
+        return {"w": str(self.n)} if self.may_fork else None
+
+    def _note_partial(self, pairs: Any) -> None:
+        with self._partial_lock:
+            if len(self._partial) > 100_000:  # never confirmed: forget the oldest guesses
+                self._partial.clear()
+            self._partial.update(pairs)
 
     def _reconcile(
         self,
@@ -475,10 +806,12 @@ class CouchDBStore(Store):
 
     # -- reads ----------------------------------------------------------------
 
-    def _rows(self, db: str, keys: list[str]) -> list[dict[str, Any]]:
+    def _rows(
+        self, db: str, keys: list[str], params: dict[str, str] | None = None
+    ) -> list[dict[str, Any]]:
         body = {"keys": keys}
         rows: list[dict[str, Any]] = self._call(
-            "POST", db + "/_all_docs", body, params={"include_docs": "true"}, db=db
+            "POST", db + "/_all_docs", body, params=params or {"include_docs": "true"}, db=db
         )["rows"]
         return rows
 
@@ -566,10 +899,12 @@ class CouchDBStore(Store):
         *,
         params: dict[str, str] | None = None,
         expect: tuple[int, ...] = (),
+        status: list[int] | None = None,
         documents: bool = False,
     ) -> Any:
         """One request, no retry: JSON, or `_Retry` / `_MissingDB` / `StoreUnavailable`.
 
+        `status`, if given, receives the HTTP status of a successful answer.
         `documents`: the body holds documents; a refusal of their content
         raises `_DocRefused` (never retried as an outage).
         """
@@ -585,29 +920,31 @@ class CouchDBStore(Store):
         except httpx.TransportError as exc:
             # Sent, maybe applied, answer lost (ReadError, ReadTimeout ...).
             raise _Retry(self._scrub(f"{type(exc).__name__}: {exc}"), sent=True) from None
-        status = resp.status_code
-        if status < 400 or status in expect:
+        status_code = resp.status_code
+        if status is not None:
+            status.append(status_code)
+        if status_code < 400 or status_code in expect:
             try:
                 return resp.json()
             except ValueError:
-                raise _Retry(f"a non-JSON answer ({status})", sent=True) from None
+                raise _Retry(f"a non-JSON answer ({status_code})", sent=True) from None
         try:
             err = resp.json()
         except ValueError:
             err = {}
         if not isinstance(err, dict):
             err = {}
-        if status == 404 and path != "/":
+        if status_code == 404 and path != "/":
             # Every path we use is a database endpoint: 404 means no database
             # (CouchDB: "Database does not exist.", pouchdb-server: "no_db_file").
             raise _MissingDB()
-        if status == 413 and err.get("error") == "document_too_large":
+        if status_code == 413 and err.get("error") == "document_too_large":
             raise _TooLarge(str(err.get("reason", "")))
-        if documents and (status == 400 or err.get("error") in _BAD_DOCUMENT):
-            raise _DocRefused(self._refused(err, status=status))
-        if status >= 500 and err.get("error") not in _PERMANENT:
-            raise _Retry(f"HTTP {status} {err.get('error', '')}".strip(), sent=True)
-        raise self._refused(err, status=status)
+        if documents and (status_code == 400 or err.get("error") in _BAD_DOCUMENT):
+            raise _DocRefused(self._refused(err, status=status_code))
+        if status_code >= 500 and err.get("error") not in _PERMANENT:
+            raise _Retry(f"HTTP {status_code} {err.get('error', '')}".strip(), sent=True)
+        raise self._refused(err, status=status_code)
 
     def _read_max_document_size(self) -> int:
         """The server's `[couchdb] max_document_size`; its default if unset or not readable."""

@@ -9,10 +9,12 @@ file: writes take the lock with `BEGIN IMMEDIATE` and wait on a busy timeout.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
 import sqlite3
+import tempfile
 import threading
 import time
 import weakref
@@ -21,6 +23,7 @@ from typing import Any, TypeVar
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from .._errors import CasernError, InvalidState, StoreUnavailable
+from .._query import RANGES, All, AnyOf, Cond, Query, Scalar
 from .base import Doc, Record, Store, Write, chunks, index_fields, too_large
 
 __all__ = ["SQLiteStore"]
@@ -72,8 +75,10 @@ class SQLiteStore(Store):
         max_document_size: int | None = None,
     ) -> None:
         parts = urlsplit(url)
-        if parts.scheme != "sqlite":
-            raise ValueError(f"not an sqlite URL: {url!r}; use sqlite:///relative.db")
+        if parts.scheme != "sqlite" or not url[len("sqlite:") :].startswith("//"):
+            raise ValueError(
+                f"not an sqlite URL: {url!r}; use sqlite:///relative.db or sqlite:////abs.db"
+            )
         # sqlite:///rel.db -> path "/rel.db" (relative), sqlite:////abs.db -> "//abs.db".
         path = unquote(parts.path)
         if parts.netloc:
@@ -119,6 +124,13 @@ class SQLiteStore(Store):
             self._db.execute(f"PRAGMA synchronous={synchronous.upper()}")
             self._retry(self._create_schema)
         except sqlite3.Error as e:
+            folder = os.path.dirname(os.path.abspath(self.path))
+            if self.path != ":memory:" and not _writable(folder):
+                raise StoreUnavailable(
+                    f"cannot open {url}: the folder {folder} is not writable (SQLite keeps"
+                    " the database and its -wal and -shm files there); pick a writable"
+                    " folder or change its permissions"
+                ) from e
             raise StoreUnavailable(f"cannot open {url}: {e}") from e
 
     def _create_schema(self) -> None:
@@ -215,6 +227,9 @@ class SQLiteStore(Store):
             rows.append((i, doc, history))
 
         def run(db: sqlite3.Connection) -> list[str | CasernError | None]:
+            landed: list[tuple[str, int, str]] = []
+            for i, _, _ in rows:  # a retry after a busy error starts over
+                results[i] = None
             for i, doc, history in rows:
                 w = writes[i]
                 next_due, pending_since, nfailed = index_fields(w.doc)
@@ -235,11 +250,12 @@ class SQLiteStore(Store):
                     )
                 if cur.rowcount != 1:
                     continue
-                if history:
-                    db.executemany(
-                        "INSERT OR IGNORE INTO history (id, seq, entry) VALUES (?, ?, ?)", history
-                    )
+                landed.extend(history)
                 results[i] = rev
+            if landed:  # one statement for the history rows of the whole group commit
+                db.executemany(
+                    "INSERT OR IGNORE INTO history (id, seq, entry) VALUES (?, ?, ?)", landed
+                )
             return results
 
         return self._transaction(run) if rows else results
@@ -291,8 +307,12 @@ class SQLiteStore(Store):
         )
 
     def failed(self, limit: int) -> list[str]:
+        # INDEXED BY: left alone, the planner walks the primary key for ORDER BY id and
+        # reads every machine to find the few that failed (measured: 100,000 rows scanned).
         return self._ids_where(
-            "SELECT id FROM machines WHERE nfailed > 0 ORDER BY id LIMIT ?", (limit,)
+            "SELECT id FROM machines INDEXED BY machines_failed WHERE nfailed > 0"
+            " ORDER BY id LIMIT ?",
+            (limit,),
         )
 
     def ids(self, *, prefix: str = "", after: str | None = None, limit: int = 1000) -> list[str]:
@@ -302,6 +322,28 @@ class SQLiteStore(Store):
         sql = f"SELECT id FROM machines WHERE id {op} ? AND id < ? ORDER BY id LIMIT ?"
         high = prefix + "\U0010ffff" if prefix else "\U0010ffff\U0010ffff"
         return self._ids_where(sql, (low, high, limit))
+
+    # -- find: the store-neutral query as SQL over the JSON envelope ------------------
+
+    def ensure_indexes(self, fields: Sequence[tuple[str, ...]]) -> None:
+        """Two indexes per field: its value (then id, so equal values come in id order),
+        and the few rows where it is an array (for `$in`, which looks inside arrays)."""
+
+        def run(db: sqlite3.Connection) -> None:
+            for path in fields:
+                name = "find_" + hashlib.sha1(_json_path(path).encode()).hexdigest()[:16]
+                value, kind = _value_and_type(path)
+                db.execute(f"CREATE INDEX IF NOT EXISTS {name} ON machines ({value}, id)")
+                db.execute(
+                    f"CREATE INDEX IF NOT EXISTS {name}_arrays ON machines (id)"
+                    f" WHERE {kind} = 'array'"
+                )
+
+        if fields:
+            self._transaction(run)
+
+    def find(self, query: Query, *, limit: int, after: str | None = None) -> list[str]:
+        return self._ids_where(*find_sql(query, limit=limit, after=after))
 
     def count(self) -> int:
         """How many machines are stored (used by `casern migrate` for its progress bar)."""
@@ -317,6 +359,120 @@ class SQLiteStore(Store):
             self._db.close()
 
 
+# A field's JSON path is the only part of a query written into the SQL text (an
+# expression index is used only by a query that spells the same expression), so
+# it is quoted twice: each key as a JSON path string (`_query.check_path` refused
+# keys holding quotes, backslashes or control characters), the whole as an SQL
+# string literal. Every value is a bound parameter.
+
+
+def _json_path(path: tuple[str, ...]) -> str:
+    return "$.state" + "".join(f'."{key}"' for key in path)
+
+
+def find_sql(query: Query, *, limit: int, after: str | None) -> tuple[str, tuple[Any, ...]]:
+    """The SELECT that answers `find`, and its parameters (tests read its query plan)."""
+    args: list[Any] = []
+    where = _where(query, args)
+    if after is not None:
+        where = f"({where}) AND id > ?"
+        args.append(after)
+    args.append(limit)
+    return f"SELECT id FROM machines WHERE {where} ORDER BY id LIMIT ?", tuple(args)
+
+
+def _literal(path: tuple[str, ...]) -> str:
+    return "'" + _json_path(path).replace("'", "''") + "'"
+
+
+def _value_and_type(path: tuple[str, ...]) -> tuple[str, str]:
+    """SQL for a field's value (json_extract gives 1/0 for true/false) and its JSON type."""
+    literal = _literal(path)
+    return f"json_extract(doc, {literal})", f"json_type(doc, {literal})"
+
+
+_NUMBER = "IN ('integer', 'real')"
+_TEXT = "= 'text'"
+
+
+def _where(query: Query, args: list[Any], bounded: frozenset[_Side] = frozenset()) -> str:
+    """SQL for one query node; values are appended to `args`, never written inline.
+
+    `bounded`: the range sides that sibling conditions of an `$and` already give.
+    """
+    if isinstance(query, All):
+        sides = frozenset(_side(q) for q in query.parts if isinstance(q, Cond) and q.op in RANGES)
+        return " AND ".join(f"({_where(q, args, sides)})" for q in query.parts) or "1"
+    if isinstance(query, AnyOf):
+        return " OR ".join(f"({_where(q, args)})" for q in query.parts)
+    x, t = _value_and_type(query.path)
+    op, value = query.op, query.value
+    if op == "exists":
+        return f"{t} IS NOT NULL" if value else f"{t} IS NULL"
+    if op == "eq":
+        return _in(x, t, (value,), args)
+    if op == "ne":
+        return f"{t} IS NOT NULL AND NOT ({_in(x, t, (value,), args)})"
+    if op in ("in", "nin"):
+        # As in CouchDB, $in also matches an array holding one of the values.
+        one = _in(x, t, value, args)
+        each = _in("value", "type", value, args)
+        # The arrays come from their own (partial) index: `id IN` keeps both index-served.
+        items = f"SELECT 1 FROM json_each(doc, {_literal(query.path)}) WHERE {each}"
+        arrays = f"SELECT id FROM machines WHERE {t} = 'array' AND EXISTS ({items})"
+        found = f"{one} OR id IN ({arrays})"
+        return found if op == "in" else f"{t} IS NOT NULL AND NOT ({found})"
+    sign = {"gt": ">", "gte": ">=", "lt": "<", "lte": "<="}[op]
+    args.append(value)
+    sql = f"{x} {sign} ?"
+    path, kind, side = _side(query)
+    other = "high" if side == "low" else "low"
+    if (path, kind, other) not in bounded:
+        # Close the range at the end of its type (SQLite sorts null < numbers < text
+        # < blobs): a range bounded on both sides is one the planner trusts over
+        # the primary key, and it skips values of other types in the index.
+        bound, limit = _TYPE_BOUNDS[kind, other]
+        sql += f" AND {x} {bound} ?"
+        args.append(limit)
+    return f"{sql} AND {t} {_TEXT if kind == 'text' else _NUMBER}"
+
+
+_Side = tuple[tuple[str, ...], str, str]
+
+_TYPE_BOUNDS: dict[tuple[str, str], tuple[str, Any]] = {
+    ("number", "low"): (">=", float("-inf")),
+    ("number", "high"): ("<", ""),
+    ("text", "low"): (">=", ""),
+    ("text", "high"): ("<", b""),
+}
+
+
+def _side(cond: Cond) -> _Side:
+    """(path, value type, side) of a range condition: `$gt 5` is the low side of numbers."""
+    kind = "text" if isinstance(cond.value, str) else "number"
+    return cond.path, kind, "low" if cond.op in ("gt", "gte") else "high"
+
+
+def _in(x: str, t: str, values: tuple[Scalar, ...], args: list[Any]) -> str:
+    """SQL true where the JSON value (`x` its SQL value, `t` its json_type) is one of `values`."""
+    terms = []
+    strings = [v for v in values if isinstance(v, str)]
+    numbers = [v for v in values if isinstance(v, int | float) and not isinstance(v, bool)]
+    bools = [v for v in values if isinstance(v, bool)]
+    for group, types in ((strings, _TEXT), (numbers, _NUMBER)):
+        if group:
+            args.extend(group)
+            terms.append(f"({x} IN ({','.join('?' * len(group))}) AND {t} {types})")
+    if bools:
+        # json_extract gives 1 and 0 for true and false: the type tells them from numbers.
+        args.extend(int(v) for v in bools)
+        names = ",".join(f"'{'true' if v else 'false'}'" for v in bools)
+        terms.append(f"({x} IN ({','.join('?' * len(bools))}) AND {t} IN ({names}))")
+    if None in values:
+        terms.append(f"({x} IS NULL AND {t} = 'null')")
+    return " OR ".join(terms) or "0"
+
+
 class _Reader:
     """Holds one thread's read connection; dropped (and closed) with the thread."""
 
@@ -327,3 +483,12 @@ class _Reader:
 
     def __del__(self) -> None:
         self.db.close()
+
+
+def _writable(directory: str) -> bool:
+    """Whether a file can be created in `directory` (os.access says yes to root everywhere)."""
+    try:
+        with tempfile.TemporaryFile(dir=directory):
+            return True
+    except OSError:
+        return False

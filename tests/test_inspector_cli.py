@@ -1,0 +1,146 @@
+"""`casern inspect` started for real as a subprocess on a free loopback port, on every
+store: it serves the pages and the API, refuses to listen on the network without a
+token, answers only loopback Host names without one (DNS rebinding), and stops on
+SIGINT.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+
+import casern
+from _couch import free_port
+
+APP = """
+import casern
+
+
+def inc(preferences, state, data):
+    return {**state, "n": state.get("n", 0) + 1, "last": data}
+
+
+def make_app(store="sqlite://"):
+    return casern.Casern(store, {}, {}, {"inc": inc}, {})
+"""
+
+
+def casern_script() -> str:
+    return str(Path(sys.executable).parent / "casern")
+
+
+@pytest.fixture
+def app_module(tmp_path: Path) -> str:
+    name = f"inspectapp_{uuid.uuid4().hex[:8]}"
+    (tmp_path / f"{name}.py").write_text(APP)
+    return f"{name}:make_app"
+
+
+@contextmanager
+def inspector(
+    cwd: Path, ref: str, store: str, *args: str, port: int | None = None
+) -> Iterator[tuple[str, subprocess.Popen[str]]]:
+    """`casern inspect` in a subprocess; yields its base URL once it answers."""
+    port = port or free_port()
+    proc = subprocess.Popen(
+        [casern_script(), "--app", ref, "--store", store, "inspect", "--port", str(port), *args],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, proc.communicate()[1]
+            try:
+                httpx.get(base + "/static/inspector.css", timeout=2)
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline, "casern inspect did not answer in 60 s"
+                time.sleep(0.2)
+        yield base, proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        assert proc.stdout is not None and proc.stderr is not None
+        proc.stdout.close()
+        proc.stderr.close()
+
+
+def test_casern_inspect_serves_pages_and_api_and_stops_on_sigint(
+    tmp_path: Path, app_module: str, store_url: str
+) -> None:
+    with casern.Casern(store_url, {}, {}, {"inc": lambda p, s, d: {**s, "d": d}}, {}) as app:
+        app.send("inc", "tenant/1", {"hello": "<script>x</script>"})
+    with inspector(tmp_path, app_module, store_url) as (base, proc):
+        assert httpx.get(base + "/api/machines").json() == {"ids": ["tenant/1"]}
+        info = httpx.get(base + "/api/machines/tenant%2F1").json()
+        assert info["state"] == {"d": {"hello": "<script>x</script>"}} and info["seq"] == 1
+        page = httpx.get(base + "/machines/tenant%2F1")
+        assert page.status_code == 200 and "&lt;script&gt;x&lt;/script&gt;" in page.text
+        assert "<script>x" not in page.text
+        assert httpx.get(base + "/failed").status_code == 200
+        rebinding = httpx.get(base + "/api/machines", headers={"host": "evil.example"})
+        assert rebinding.status_code == 403 and "--token" in rebinding.text
+        assert httpx.get(base + "/", headers={"host": "localhost"}).status_code == 200
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(20) == 0
+        assert proc.stderr is not None
+        err = proc.stderr.read()
+        assert "casern inspector for" in err and "Traceback" not in err
+        password = httpx.URL(store_url).password
+        assert not password or password not in err
+
+
+def test_casern_inspect_with_a_token_needs_it(tmp_path: Path, app_module: str) -> None:
+    store = f"sqlite:///{tmp_path}/s.db"
+    with inspector(tmp_path, app_module, store, "--token", "t0ken") as (base, _):
+        assert httpx.get(base + "/api/machines").status_code == 401
+        auth = {"authorization": "Bearer t0ken"}
+        assert httpx.get(base + "/api/machines", headers=auth).json() == {"ids": []}
+        # With a token, other Host names are fine: the token is the guard.
+        other = httpx.get(base + "/api/machines", headers={**auth, "host": "inspector.internal"})
+        assert other.status_code == 200
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "192.0.2.7", "::", "example.org"])
+def test_casern_inspect_refuses_a_network_host_without_a_token(
+    tmp_path: Path, app_module: str, host: str
+) -> None:
+    result = subprocess.run(
+        [casern_script(), "--app", app_module, "inspect", "--host", host],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "add --token" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_casern_inspect_help_names_its_options(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [casern_script(), "inspect", "--help"], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0
+    for option in ("--host", "--port", "--token", "CASERN_INSPECT_TOKEN"):
+        assert option in result.stdout

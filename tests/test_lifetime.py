@@ -1,0 +1,146 @@
+"""CONTRACT.md, "Construction": drain, close and interpreter exit a deployment can trust."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import casern
+
+EXIT_SENDER = Path(__file__).resolve().parent / "exit_sender.py"
+
+
+def test_drain_is_true_only_once_every_failure_record_is_written(
+    make_app: Callable[..., casern.Casern],
+) -> None:
+    def always_fails(change: casern.Change) -> None:
+        raise KeyError("chat_id")
+
+    app = make_app(listeners={"l": always_fails}, backoff=casern.Backoff(attempts=1))
+    ids = [f"u{i}" for i in range(1_200)]  # more than two batches of acknowledgements
+
+    def send_all(part: list[str]) -> None:
+        for id in part:
+            app.send("inc", id)
+
+    threads = [threading.Thread(target=send_all, args=(ids[t::8],)) for t in range(8)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert app.drain(timeout=120)
+    assert len(app.failed()) == len(ids)
+    assert app.store.pending(time.time() + 60, 10_000) == []
+
+
+def test_close_returns_within_its_timeout_and_leaves_the_rest_pending(
+    make_app: Callable[..., casern.Casern],
+) -> None:
+    release = threading.Event()
+    app = make_app(listeners={"slow": lambda c: release.wait(30)})
+    app.send("inc", "a")
+    started = time.monotonic()
+    app.close(timeout=2)
+    took = time.monotonic() - started
+    release.set()
+    assert took < 3.5  # was 4 s and more: the drain's timeout, then the dispatcher's
+    later = make_app(listeners={"l": lambda c: None})
+    assert later.store.pending(time.time() + 60, 10) == ["a"]
+
+
+@pytest.mark.parametrize("kind", ["plain", "async"])
+def test_drain_inside_a_listener_raises_at_once(
+    make_app: Callable[..., casern.Casern], kind: str
+) -> None:
+    errors: list[BaseException] = []
+    apps: list[casern.Casern] = []
+
+    def plain(change: casern.Change) -> None:
+        try:
+            apps[0].drain(timeout=30)
+        except casern.CasernError as e:
+            errors.append(e)
+
+    async def coro(change: casern.Change) -> None:
+        plain(change)
+        await asyncio.sleep(0)
+
+    apps.append(make_app(listeners={"l": plain if kind == "plain" else coro}))
+    apps[0].send("inc", "a")
+    assert apps[0].drain(timeout=10)
+    assert len(errors) == 1
+    assert "drain() was called from inside" in str(errors[0])
+
+
+def test_an_app_open_at_interpreter_exit_finishes_its_listeners(
+    store_url: str, tmp_path: Path
+) -> None:
+    effects = tmp_path / "effects.txt"
+    proc = subprocess.Popen(
+        [sys.executable, str(EXIT_SENDER), store_url, str(effects)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == b"sent\n", proc.stderr.read() if proc.stderr else ""
+        proc.terminate()  # SIGTERM: the worker returns from its main loop, as gunicorn's does
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    assert proc.returncode == 0, err.decode()
+    assert sorted(effects.read_text().split("\n")[:-1]) == [f"req-{i} 1" for i in range(5)]
+    with casern.Casern(store_url, {}, {}, {"inc": lambda p, s, d: s}, {"l": print}) as app:
+        assert app.store.pending(time.time() + 60, 10) == []
+
+
+def test_an_app_collected_unclosed_warns_and_lets_its_threads_go(store_url: str) -> None:
+    before = threading.active_count()
+
+    def one_per_request() -> None:
+        app = casern.Casern(store_url, {}, {}, {"inc": _inc}, {"l": lambda c: None})
+        app.send("inc", "a")
+        assert app.drain(10)
+
+    with pytest.warns(ResourceWarning, match="unclosed <Casern"):
+        for _ in range(5):
+            one_per_request()
+            gc.collect()
+    deadline = time.monotonic() + 10
+    while threading.active_count() > before + 5 and time.monotonic() < deadline:
+        time.sleep(0.05)  # pool threads leave once idle; the loop and committer at once
+    assert threading.active_count() <= before + 5
+
+
+def _inc(preferences: Any, state: dict[str, Any], data: Any) -> dict[str, Any]:
+    return {"n": state.get("n", 0) + 1}
+
+
+def test_a_listener_that_gives_up_is_logged_at_error_with_its_traceback(
+    make_app: Callable[..., casern.Casern], caplog: pytest.LogCaptureFixture
+) -> None:
+    def reply(change: casern.Change) -> None:
+        chat = dict(change.state)
+        chat["chat_id"]  # the KeyError a user sees: a field the state lacks
+
+    app = make_app(listeners={"reply": reply}, backoff=casern.Backoff(attempts=1))
+    with caplog.at_level("ERROR", logger="casern"):
+        app.send("inc", "a")
+        assert app.drain(timeout=10)
+    [record] = [r for r in caplog.records if "gave up" in r.getMessage()]
+    assert record.levelname == "ERROR" and record.exc_info is not None
+    assert 'chat["chat_id"]' in caplog.text  # the traceback names the line
+    [failure] = app.failed()
+    assert failure["error"].startswith("KeyError: 'chat_id' (at test_lifetime.py:")
+    assert failure["error"].endswith(" in reply)")
