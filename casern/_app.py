@@ -356,6 +356,10 @@ class Casern:
             if self._engine.wait_idle(0) and self._dispatcher.wait_idle(0):
                 return True  # else listeners sent more meanwhile: once more
 
+    def _under_way(self) -> int:
+        """Committed changes of this process whose listeners are under way (or not yet acked)."""
+        return self._dispatcher.backlog()
+
     # -- listener failures --------------------------------------------------------------
 
     def failed(self, limit: int = 10_000) -> list[dict[str, Any]]:

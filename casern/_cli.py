@@ -278,6 +278,27 @@ def setup_logging(level: int) -> None:
     logging.getLogger("apscheduler").setLevel(logging.ERROR)
 
 
+def log_to_root(level: int) -> None:
+    """For long runners: log everything (the user's listeners too) to stderr at `level`.
+
+    casern's own records go through the root handler then; APScheduler's
+    per-tick chatter stays below WARNING either way.
+    """
+    root = logging.getLogger()
+    casern_log = logging.getLogger("casern")
+    handler = next((h for h in casern_log.handlers if isinstance(h, _Handler)), None) or _Handler()
+    casern_log.removeHandler(handler)
+    casern_log.propagate = True
+    casern_log.setLevel(logging.NOTSET)
+    handler.setFormatter(
+        logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s", "%H:%M:%S")
+    )
+    if handler not in root.handlers:
+        root.addHandler(handler)
+    root.setLevel(level)
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)
+
+
 # -- the commands -----------------------------------------------------------------------
 
 
@@ -492,17 +513,32 @@ def retry(app: Casern, id: str | None, wait: float) -> None:
 
 @cli.command()
 @click.option("--once", is_flag=True, help="Run one tick (due timers, redelivery) and exit.")
+@click.option(
+    "--log-level",
+    type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
+    default=None,
+    help="Level of the root logger: your listeners' logs show with casern's."
+    "  [default: INFO, or DEBUG with -vv]",
+)
+@click.option(
+    "--grace",
+    type=click.FloatRange(0),
+    default=10.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="On a stop signal, how long to let listeners under way finish.",
+)
 @with_app
-def worker(app: Casern, once: bool) -> None:
+def worker(app: Casern, once: bool, log_level: str | None, grace: float) -> None:
     """Fire due timers and deliver pending listener work until SIGINT/SIGTERM.
 
     Run one or more next to the processes that send: each due timer fires once
     however many workers share a store, and changes whose listeners were cut
     short by a crash are delivered again.
     """
-    logger = logging.getLogger("casern")
-    if logger.level > logging.INFO:
-        logger.setLevel(logging.INFO)
+    verbose = click.get_current_context().find_object(Options)
+    default = logging.DEBUG if verbose is not None and verbose.verbose >= 2 else logging.INFO
+    log_to_root(logging.getLevelName(log_level.upper()) if log_level else default)
     if once:
         fired = app.run_once()
         app.drain()
@@ -532,6 +568,18 @@ def worker(app: Casern, once: bool) -> None:
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+    under_way = app._under_way()
+    if under_way:
+        log.info(
+            "waiting up to %gs for the listeners of %d change(s) under way (Ctrl-C again to"
+            " leave them: the next worker delivers them)",
+            grace,
+            under_way,
+        )
+    try:
+        app.close(timeout=grace)
+    except KeyboardInterrupt:
+        log.info("left %d change(s) in the outbox for the next worker", app._under_way())
     log.info("worker stopped")
 
 

@@ -35,6 +35,7 @@ from ._change import Change
 from ._engine import Delivery, Engine
 from ._errors import CasernError
 from ._json import dumps
+from ._loopwatch import LoopWatch
 from ._threads import LanePool
 from ._types import Listener
 from .stores.base import Doc
@@ -87,6 +88,7 @@ class Dispatcher:
         self._tasks: set[asyncio.Task[None]] = set()
         self._incoming: list[tuple[str, _Job]] = []  # (async listener, job) for the loop
         self._async = {n for n, f in self.listeners.items() if inspect.iscoroutinefunction(f)}
+        self._loopwatch: LoopWatch | None = None
         _telemetry.watch_outbox(self)
 
     # -- thread-safe entry points -------------------------------------------------------
@@ -222,7 +224,9 @@ class Dispatcher:
             loop.call_soon_threadsafe(loop.stop)
             if self._thread is not None:
                 self._thread.join(timeout=max(0.05, deadline - time.monotonic()))
-        self._loop = self._thread = self._pool = None
+        if self._loopwatch is not None:
+            self._loopwatch.stop()
+        self._loop = self._thread = self._pool = self._loopwatch = None
         with self._idle:
             self._jobs = 0
             self._pin = None
@@ -239,7 +243,9 @@ class Dispatcher:
                 loop.call_soon_threadsafe(loop.stop)
         if pool is not None:
             pool.shutdown()
-        self._loop = self._thread = self._pool = None
+        if self._loopwatch is not None:
+            self._loopwatch.stop()
+        self._loop = self._thread = self._pool = self._loopwatch = None
 
     # -- plain listeners: a bounded pool of threads ---------------------------------------
 
@@ -310,6 +316,9 @@ class Dispatcher:
                 self._thread.start()
                 ready.wait()
                 self._loop = loop
+                if self._async:
+                    async_listeners = {n: self.listeners[n] for n in self._async}
+                    self._loopwatch = LoopWatch(loop, self._thread, async_listeners)
         return self._loop
 
     def _accept(self, incoming: list[tuple[str, _Job]]) -> None:

@@ -4,6 +4,8 @@
                                         invalid body or id -> 400 {"error": ...}
     GET  /conversations/{id}                             -> 200 with the state, or 404
 
+`{id}` may contain "/" (as is or as %2F): casern keeps such ids exactly.
+
 Run it with `uvicorn examples.fastapi_app:api`. The lifespan handler starts casern's
 scheduler on the server's event loop (`astart`), so timers fire in this process;
 `await app.asend(...)` lets many requests' changes share one commit.
@@ -61,7 +63,7 @@ def create_api(factory: Callable[[], casern.Casern] = casern_app) -> FastAPI:
     def error(status: int, message: str) -> JSONResponse:
         return JSONResponse({"error": message}, status_code=status)
 
-    @api.post("/conversations/{id}/messages")
+    @api.post("/conversations/{id:path}/messages")
     async def post_message(id: str, request: Request) -> Any:
         try:
             body = await request.json()
@@ -78,7 +80,7 @@ def create_api(factory: Callable[[], casern.Casern] = casern_app) -> FastAPI:
         except casern.StoreUnavailable:
             return error(503, "the database is unavailable; try again shortly")
 
-    @api.get("/conversations/{id}")
+    @api.get("/conversations/{id:path}")
     async def get_conversation(id: str, request: Request) -> Any:
         try:
             state = await request.app.state.machines.aget(id)

@@ -4,6 +4,8 @@
                                         invalid body or id -> 400 {"error": ...}
     GET  /conversations/<id>                             -> 200 with the state, or 404
 
+`<id>` may contain "/" (as is or as %2F): casern keeps such ids exactly.
+
 Run the web app, and the timers in a separate worker process::
 
     flask --app examples.flask_app run
@@ -44,7 +46,7 @@ def create_app(machines: casern.Casern | None = None) -> Flask:
     app = machines if machines is not None else casern_app()
     web.extensions["casern"] = app
 
-    @web.post("/conversations/<id>/messages")
+    @web.post("/conversations/<path:id>/messages")
     def post_message(id: str) -> Any:
         body = request.get_json(silent=True)
         if not isinstance(body, dict):
@@ -55,7 +57,7 @@ def create_app(machines: casern.Casern | None = None) -> Flask:
             return jsonify(error=str(e)), 400
         return jsonify(state)
 
-    @web.get("/conversations/<id>")
+    @web.get("/conversations/<path:id>")
     def get_conversation(id: str) -> Any:
         try:
             state = app.get(id)

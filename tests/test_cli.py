@@ -29,8 +29,10 @@ import casern
 from casern._cli import cli, load_app
 
 TEST_APP = '''
+import logging
 import os
 import pathlib
+import time
 
 import casern
 
@@ -63,8 +65,11 @@ def record(change):
     """Fails while fail.flag exists; otherwise notes the change in listened.txt."""
     if (HERE / "fail.flag").exists():
         raise RuntimeError("listener exploded")
+    if (HERE / "slow.flag").exists():
+        time.sleep(2)
     with open(HERE / "listened.txt", "a") as f:
         f.write(f"{{change.id}} {{change.seq}}\\n")
+    logging.getLogger("cliapp").info("recorded %s %s", change.id, change.seq)
 
 
 def upgrade(preferences, old_version, state):
@@ -511,6 +516,40 @@ def test_worker_fires_timers_and_stops_cleanly_on_sigterm(cli_app: CLIApp) -> No
     assert "got SIGTERM, stopping" in err
     assert err.strip().splitlines()[-1].endswith("worker stopped")
     assert cli_app.listened() == ["w1", "1", "w1", "2"]  # the timer's change was delivered too
+
+
+def test_worker_logs_listeners_and_says_what_it_waits_for_when_stopped(
+    cli_app: CLIApp, opened: Callable[[], casern.Casern]
+) -> None:
+    cli_app.run("send", "arm", "w1", json.dumps({"at": time.time() + 0.5}))
+    (cli_app.root / "slow.flag").touch()  # the timer's listener runs 2 s in the worker
+    proc = subprocess.Popen(
+        [casern_script(), "--app", cli_app.ref, "--store", cli_app.store, "worker"],
+        cwd=cli_app.root,
+        env=cli_app.env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        state: dict[str, Any] = {}
+        reader = opened()
+        while time.monotonic() < deadline and "woke_at" not in state:
+            time.sleep(0.02)
+            state = reader.get("w1") or {}
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    assert "waiting up to 10s for the listeners of 1 change(s) under way" in err
+    assert "cliapp INFO: recorded w1 2" in err  # the listener's own log, through the root
+    assert "apscheduler" not in err and "Running job" not in err
+    assert err.strip().splitlines()[-1].endswith("worker stopped")
+    assert cli_app.listened() == ["w1", "1", "w1", "2"]
 
 
 def test_store_overrides_the_store_of_an_app_instance(tmp_path: Path) -> None:

@@ -109,6 +109,11 @@ def test_flask_app_serves_conversations(conversations_app: casern.Casern) -> Non
     assert bad_id.status_code == 400
     assert "_" in bad_id.get_json()["error"]
     assert conversations_app.get("c-1")["count"] == 2  # the refused ones wrote nothing
+    # Ids with "/" (which casern keeps) are reachable, percent-encoded or not.
+    slashed = client.post("/conversations/team%2Fa/messages", json={"text": "hi"})
+    assert slashed.status_code == 200, slashed.get_data(as_text=True)
+    assert client.get("/conversations/team/a").get_json()["messages"] == ["hi"]
+    assert conversations_app.get("team/a")["count"] == 1
 
 
 @pytest.mark.filterwarnings("ignore:Using `httpx`")
@@ -135,6 +140,9 @@ def test_fastapi_app_serves_conversations_and_runs_timers(store_url: str) -> Non
         assert "text" in invalid.json()["error"]
         assert client.post("/conversations/c-1/messages", content=b"[1]").status_code == 400
         assert client.post("/conversations/_x/messages", json={"text": "x"}).status_code == 400
+        slashed = client.post("/conversations/team%2Fa/messages", json={"text": "hi"})
+        assert slashed.status_code == 200, slashed.text  # ids with "/" are reachable
+        assert client.get("/conversations/team/a").json()["count"] == 1
 
         deadline = time.monotonic() + 15
         state: dict[str, Any] = {}

@@ -144,3 +144,22 @@ def test_a_listener_that_gives_up_is_logged_at_error_with_its_traceback(
     [failure] = app.failed()
     assert failure["error"].startswith("KeyError: 'chat_id' (at test_lifetime.py:")
     assert failure["error"].endswith(" in reply)")
+
+
+def test_an_async_listener_that_blocks_the_loop_is_named_in_a_warning(
+    make_app: Callable[..., casern.Casern], caplog: pytest.LogCaptureFixture
+) -> None:
+    async def sleepy(change: casern.Change) -> None:
+        time.sleep(1.5)  # blocks the loop every async listener shares
+
+    app = make_app(listeners={"sleepy": sleepy})
+    with caplog.at_level("WARNING", logger="casern"):
+        app.send("inc", "a")
+        app.send("inc", "b")
+        assert app.drain(timeout=30)
+        deadline = time.monotonic() + 10
+        while "blocked the event loop" not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.05)
+    [warning] = [r.getMessage() for r in caplog.records if "blocked the event" in r.getMessage()]
+    assert "async listener 'sleepy' blocked the event loop for" in warning
+    assert "test_lifetime.py" in warning and "asyncio.to_thread" in warning
