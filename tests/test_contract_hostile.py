@@ -340,8 +340,10 @@ class OneBatch:
         return outcomes
 
 
-def test_one_bad_send_among_41_threads_fails_alone(make_app: MakeApp) -> None:
-    """The blast radius of one hostile message is that message."""
+def test_one_bad_send_among_41_threads_fails_alone(
+    make_app: MakeApp, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The blast radius of one hostile message is that message (and no traceback in the log)."""
     batch = OneBatch()
     app = make_app({"put": put, "hold": batch.hold, "surrogate": lambda p, s, d: {"v": "\ud800"}})
     good = [("put", f"good-{i}", i) for i in range(39)]
@@ -350,6 +352,7 @@ def test_one_bad_send_among_41_threads_fails_alone(make_app: MakeApp) -> None:
     assert isinstance(outcomes["bad-state"], casern.InvalidState)
     assert [outcomes[id] for _, id, _ in good] == [{"v": i} for i in range(39)]
     assert app.get("bad") is None and app.get("bad-state") is None
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
     assert [app.get(id) for _, id, _ in good] == [{"v": i} for i in range(39)]
 
 
