@@ -3,7 +3,8 @@
 The store is populated fast (as bench/tick.py does: every machine a `wake`
 timer), then one machine gets 20 changes through `send`, so its page has a
 timeline. The inspector is served by uvicorn on a free loopback port, and each
-page is fetched over HTTP (httpx, keep-alive) `--repeat` times; the median is
+page is fetched over HTTP (httpx, keep-alive) `--repeat` times, the stores
+taking turns request by request (a noisy moment hits both alike); the median is
 printed. The raw baseline, in the same run, is the public call the page is
 built on (`app.ids(limit=51)`, `app.inspect(id)` + `app.history(id)`) timed
 in-process: the ratio is what the web layer (routing, templates, HTTP) adds.
@@ -42,64 +43,81 @@ def message(preferences: Any, state: dict[str, Any], data: Any) -> dict[str, Any
     return {**state, "messages": [*state.get("messages", []), data], "count": len(state) + 1}
 
 
-def median_ms(repeat: int, fn: Callable[[], Any]) -> float:
-    fn()  # warm: templates compiled, connections open, indexes built
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1000
+class Target:
+    """One store of `size` machines, its app, and the inspector served on a free port."""
 
-
-def measure(url: str, size: int, repeat: int) -> dict[str, Any]:
-    app = casern.Casern(
-        url, reducers={"wake": wake, "message": message}, timers={"wake": next_wake}
-    )
-    try:
-        one = Plan.id(size // 2)
+    def __init__(self, url: str, size: int) -> None:
+        self.size = size
+        self.app = casern.Casern(
+            url, reducers={"wake": wake, "message": message}, timers={"wake": next_wake}
+        )
+        self.one = Plan.id(size // 2)
         for n in range(HISTORY):
-            app.send("message", one, {"n": n, "text": f"message {n}"})
+            self.app.send("message", self.one, {"n": n, "text": f"message {n}"})
         port = free_port()
-        server = uvicorn.Server(
+        self.server = uvicorn.Server(
             uvicorn.Config(
-                casern.inspector.asgi(app), host="127.0.0.1", port=port, log_level="warning"
+                casern.inspector.asgi(self.app), host="127.0.0.1", port=port, log_level="warning"
             )
         )
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
-        while not server.started:
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        while not self.server.started:
             time.sleep(0.05)
-        base = f"http://127.0.0.1:{port}"
+        self.client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60)
         middle = Plan.id(size // 3)
-        try:
-            with httpx.Client(base_url=base, timeout=60) as client:
+        app, one = self.app, self.one
+        self.calls: dict[str, Callable[[], Any]] = {
+            "raw ids": lambda: app.ids(limit=51),
+            "raw machine": lambda: (app.inspect(one), app.history(one)),
+            "list page": self.get("/"),
+            "list page, middle": self.get(f"/?after={middle}"),
+            "api ids": self.get("/api/machines?prefix=machine-0001"),
+            "machine page": self.get(f"/machines/{one}"),
+            "api machine": self.get(f"/api/machines/{one}"),
+            "failed page": self.get("/failed"),
+        }
 
-                def get(path: str) -> Callable[[], Any]:
-                    def go() -> None:
-                        r = client.get(path)
-                        if r.status_code != 200:
-                            raise SystemExit(f"GET {path}: {r.status_code} {r.text[:200]}")
+    def get(self, path: str) -> Callable[[], None]:
+        def go() -> None:
+            r = self.client.get(path)
+            if r.status_code != 200:
+                raise SystemExit(f"GET {path}: {r.status_code} {r.text[:200]}")
 
-                    return go
+        return go
 
-                row = {
-                    "size": size,
-                    "raw ids": median_ms(repeat, lambda: app.ids(limit=51)),
-                    "raw machine": median_ms(repeat, lambda: (app.inspect(one), app.history(one))),
-                    "list page": median_ms(repeat, get("/")),
-                    "list page, middle": median_ms(repeat, get(f"/?after={middle}")),
-                    "api ids": median_ms(repeat, get("/api/machines?prefix=machine-0001")),
-                    "machine page": median_ms(repeat, get(f"/machines/{one}")),
-                    "api machine": median_ms(repeat, get(f"/api/machines/{one}")),
-                    "failed page": median_ms(repeat, get("/failed")),
-                }
-        finally:
-            server.should_exit = True
-            thread.join(10)
+    def close(self) -> None:
+        self.client.close()
+        self.server.should_exit = True
+        self.thread.join(10)
+        self.app.close()
+
+
+def measure(targets: list[Target], repeat: int) -> list[dict[str, Any]]:
+    """Median ms of each call on each target, taken in turns (the same noise for all)."""
+    times: dict[tuple[int, str], list[float]] = {}
+    for round in range(repeat + 1):
+        for target in targets:
+            for name, fn in target.calls.items():
+                start = time.perf_counter()
+                fn()
+                if round:  # round 0 warms: templates, connections, indexes
+                    times.setdefault((target.size, name), []).append(time.perf_counter() - start)
+    return [
+        {"size": t.size, **{n: statistics.median(times[t.size, n]) * 1000 for n in t.calls}}
+        for t in targets
+    ]
+
+
+def run(urls: list[tuple[str, int]], repeat: int) -> list[dict[str, Any]]:
+    targets: list[Target] = []
+    try:
+        for url, size in urls:
+            targets.append(Target(url, size))
+        return measure(targets, repeat)
     finally:
-        app.close()
-    return row
+        for t in targets:
+            t.close()
 
 
 COLUMNS = [
@@ -159,24 +177,24 @@ def main() -> None:
     sizes = [int(s) for s in args.sizes.split(",")]
     print(python_info())
     with temp_dir() as tmp:
-        rows = []
+        urls = []
         for size in sizes:
             path = tmp / f"inspector-{size}.db"
             seconds = populate_sqlite(path, Plan(size, 1, 1))
             print(f"  sqlite {size:,} machines populated in {seconds:.1f} s", flush=True)
-            rows.append(measure(sqlite_url(path), size, args.repeat))
-        report("sqlite", rows)
+            urls.append((sqlite_url(path), size))
+        report("sqlite", run(urls, args.repeat))
     if args.no_couchdb:
         return
 
     def couch(base_url: str) -> None:
-        rows = []
+        urls = []
         for size in sizes:
             url = f"{base_url.rstrip('/')}/casern-bench-inspector-{size}-{uuid.uuid4().hex[:8]}"
             seconds = populate_couch(url, Plan(size, 1, 1))
             print(f"  couchdb {size:,} machines populated in {seconds:.1f} s", flush=True)
-            rows.append(measure(url, size, args.repeat))
-        report("couchdb", rows)
+            urls.append((url, size))
+        report("couchdb", run(urls, args.repeat))
 
     if args.couchdb:
         couch(args.couchdb)

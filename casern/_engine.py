@@ -37,6 +37,7 @@ from ._errors import (
     UpgradeError,
 )
 from ._json import Refusal, dumps, encodable, to_json
+from ._outbox import pack, unpack
 from ._types import Reducer, Timer, Upgrade
 from .stores.base import Doc, Record, Store, Write
 
@@ -157,7 +158,7 @@ def _storable(failure: Doc) -> Doc:
     return failure
 
 
-def too_large(reducer: str, size: int, limit: int) -> InvalidState:
+def _state_too_large(reducer: str, size: int, limit: int) -> InvalidState:
     return InvalidState(
         f"reducer {reducer!r}: the new state is {size:,} bytes of JSON, over this store's"
         f" document limit of {limit:,} bytes; keep big data elsewhere and store a reference"
@@ -795,7 +796,7 @@ class Engine:
         keys: list[str] = list(doc.get("keys", ()))
         due: dict[str, float] = dict(doc.get("due", {}))
         fired: dict[str, float] = dict(doc.get("fired", {}))
-        pending: list[Doc] = list(doc.get("pending", ()))
+        pending: list[Doc] = unpack(doc)
         log_: list[Doc] = list(doc.get("log", ()))
         if self.log_chunk and len(log_) >= self.log_chunk:
             plan.flush_log, log_ = log_, []
@@ -831,7 +832,7 @@ class Engine:
                 plan.results.append((a, InvalidState(f"reducer {name!r}: {e}")))
                 return
             if limit is not None and len(new_json) * 4 > limit and len(new_json.encode()) > limit:
-                plan.results.append((a, too_large(name, len(new_json.encode()), limit)))
+                plan.results.append((a, _state_too_large(name, len(new_json.encode()), limit)))
                 return
             if new_json == cur_json or (new_state == state and same(new_state, state)):
                 plan.results.append((a, cur_json))
@@ -979,7 +980,7 @@ class Engine:
             new_doc["log"] = log_
         if pending:
             pending.sort(key=lambda e: e["seq"])
-            new_doc["pending"] = pending
+            new_doc["pending"] = pack(pending, seq)
             new_doc["pending_since"] = self._pending_since(doc.get("pending_since"), pending)
         if failed:
             new_doc["failed"] = failed

@@ -2,8 +2,11 @@
 
     CasernError
     ├── UnknownReducer      (also a KeyError)    no reducer of that name
-    ├── InvalidData         (also a ValueError)  data fails the reducer's JSON Schema
-    ├── InvalidState        (also a TypeError)   a reducer returned no JSON object
+    ├── InvalidData         (also a ValueError)  data fails the reducer's JSON Schema,
+    │                                            or casern's JSON rules (see _json.py)
+    ├── InvalidState        (also a TypeError)   a reducer returned no JSON object, one
+    │                                            breaking the JSON rules, or too big
+    │                                            for the store
     ├── ReducerError                              a reducer raised; the original is __cause__
     ├── InvalidId           (also a ValueError)  an id that cannot be stored safely
     ├── StoreUnavailable    (also a ConnectionError) the database cannot be reached
@@ -43,11 +46,15 @@ class UnknownReducer(CasernError, KeyError):
 
 
 class InvalidData(CasernError, ValueError):
-    """`data` fails the reducer's JSON Schema, or is not JSON."""
+    """`data` fails the reducer's JSON Schema, or is not JSON casern stores on every store."""
 
 
 class InvalidState(CasernError, TypeError):
-    """A reducer returned something that is not a JSON object."""
+    """A reducer returned something that is not a JSON object casern can store.
+
+    Also raised when the state, or the envelope holding it, is over the
+    store's document limit: nothing of that id is written.
+    """
 
 
 class ReducerError(CasernError):

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import sys
 from typing import Any
 
@@ -32,9 +31,12 @@ _MIN_NORMAL = sys.float_info.min
 # One encoder, built once: json.dumps with options builds a new one per call.
 _ENCODE = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
 
-# What may be a long integer (16+ digits not after a "." or a letter) or a
-# subnormal float (Python writes them with an exponent of -308 or below).
-_NUMBERISH = re.compile(r"(?<![\w.])\d{16}|e-3(?:0[89]|[1-9]\d)")
+# Every digit becomes "0", every byte that can precede an integer token becomes
+# ":": an integer of 16 digits or more (beyond 2**53 - 1, or close) shows as
+# ":" and 16 zeros. Fractions follow ".", so floats never match.
+_INTEGERS = bytes.maketrans(b"0123456789[,:-", b"0000000000::::")
+_LONG_INTEGER = b":" + b"0" * 16
+_CONTAINERS = (dict, list, tuple)
 
 
 def dumps(value: Any) -> str:
@@ -52,7 +54,7 @@ def to_json(value: Any) -> tuple[str, Any]:
         text = _ENCODE(value)
     except (TypeError, ValueError, RecursionError) as e:
         raise _refusal(value) or Refusal(f"is not JSON: {e}") from None
-    if _suspicious(text):
+    if _suspicious(value, text):
         refusal = _refusal(value)
         if refusal is not None:
             raise refusal
@@ -72,16 +74,37 @@ def _unsigned_zero(text: str) -> float:
     return float(text) + 0.0  # -0.0 + 0.0 == +0.0 in IEEE 754
 
 
-def _suspicious(text: str) -> bool:
-    """True if `text` may break a rule; false positives only cost a walk."""
-    if not text.isascii():
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError:
-            return True
-    if text.count("[") + text.count("{") > MAX_DEPTH:
+def _suspicious(value: Any, text: str) -> bool:
+    """True if `value` (encoded as `text`) may break a rule; false positives only cost a walk."""
+    try:
+        raw = text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate
         return True
-    return _NUMBERISH.search(text) is not None
+    if b"e-3" in raw or _LONG_INTEGER in raw.translate(_INTEGERS):  # subnormal? 2**53?
+        return True
+    containers = raw.count(b"[") + raw.count(b"{")  # at most: strings may hold some
+    return containers > MAX_DEPTH and _too_deep(value, containers)
+
+
+def _too_deep(value: Any, containers: int) -> bool:
+    """True if more than `MAX_DEPTH` containers nest (breadth first: no recursion).
+
+    Stops as soon as the containers not yet seen are too few to go deeper:
+    a long list of small objects costs one level, not a walk.
+    """
+    level, seen = [value], 1
+    for depth in range(1, MAX_DEPTH + 1):
+        if depth + containers - seen <= MAX_DEPTH:
+            return False
+        below: list[Any] = []
+        for node in level:
+            items = node.values() if type(node) is dict else node
+            below += [v for v in items if type(v) in _CONTAINERS]
+        if not below:
+            return False
+        seen += len(below)
+        level = below
+    return True
 
 
 def _path(parts: list[str | int]) -> str:

@@ -46,7 +46,8 @@ def _missing(base: Record, others: list[Record]) -> list[Doc]:
     out: list[Doc] = []
     for leaf in others:
         ops = sorted(leaf.doc.get("ops", ()), key=lambda op: int(op["seq"]))
-        if ops and journal and not any(op["u"] in have for op in ops):
+        truncated = oldest > 1 and ops and int(ops[0]["seq"]) > 1  # both journals cut
+        if truncated and not any(op["u"] in have for op in ops):
             log.error(
                 "a fork of %r is older than its journal of %d actions; the sibling's"
                 " changes after seq %d are replayed, older ones may be lost",

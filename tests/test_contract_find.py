@@ -8,6 +8,7 @@ agree with.
 from __future__ import annotations
 
 import asyncio
+import functools
 import random
 import sqlite3
 from collections.abc import Callable, Iterator
@@ -285,6 +286,8 @@ BAD_SELECTORS: list[tuple[Any, str]] = [
     ({"n": {"$in": list(range(1001))}}, "more than 1000 values"),
     ({"x": b"bytes"}, "bytes b'bytes' is not a JSON value"),
     ({"owner": {"$or": [{"team": 1}]}}, "unknown operator '$or' on field 'owner'"),
+    ({1: "a"}, "selector keys are strings"),
+    (functools.reduce(lambda sel, _: {"$and": [sel]}, range(20), {"a": 1}), "nests deeper"),
 ]
 
 

@@ -16,10 +16,12 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import httpx
 import pytest
+from test_couchdb_store import Flaky
 
 import casern
-from casern._json import MAX_DEPTH, MAX_SAFE_INTEGER
+from casern._json import MAX_DEPTH, MAX_SAFE_INTEGER, dumps
 from casern.stores.base import Store, Write
 from casern.stores.couchdb import DEFAULT_MAX_DOCUMENT_SIZE, CouchDBStore
 from casern.stores.sqlite import SQLiteStore
@@ -235,6 +237,51 @@ def test_an_envelope_over_the_limit_fails_only_its_own_id(
     assert [h["seq"] for h in app.history("m")] == list(range(1, len(committed) + 1))
 
 
+def test_pending_changes_keep_each_state_once_and_listeners_still_get_prev_and_state(
+    make_app: MakeApp,
+) -> None:
+    release = threading.Event()
+    first: list[tuple[int, Any, Any]] = []
+    second: list[tuple[int, Any, Any]] = []
+
+    def stuck(change: casern.Change) -> None:
+        first.append((change.seq, change.prev, change.state))
+        release.wait(10)
+        raise RuntimeError("interrupted")
+
+    def fill(preferences: Any, state: dict[str, Any], data: Any) -> dict[str, Any]:
+        return {"v": data * 1_000}
+
+    reducers = {"fill": fill}
+    app1 = make_app(reducers, {"l": stuck}, backoff=casern.Backoff(initial=5, timeout=30))
+    big = {c: c * 1_000 for c in "abcd"}
+    for c in "abc":
+        app1.send("fill", "m", c)
+    envelope = app1.store.get("m")
+    assert envelope is not None
+    stored = dumps(envelope.doc)
+    # Three changes pending: the envelope holds states a, b, c once each (was twice).
+    assert [stored.count(big[c]) for c in "abc"] == [1, 1, 1]
+    time.sleep(0.2)
+    app1.close(timeout=0.1)  # the deliveries stay in the outbox
+    release.set()
+    app2 = make_app(
+        reducers, {"l": lambda c: second.append((c.seq, c.prev, c.state))}, redeliver_after=0.0
+    )
+    app2.run_once()
+    assert app2.drain(10)
+    expected = [
+        (1, {}, {"v": big["a"]}),
+        (2, {"v": big["a"]}, {"v": big["b"]}),
+        (3, {"v": big["b"]}, {"v": big["c"]}),
+    ]
+    assert first[:1] == expected[:1]
+    assert second == expected
+    app2.send("fill", "m", "d")  # acknowledged and new entries pack again
+    assert app2.drain(10)
+    assert second[-1] == (4, {"v": big["c"]}, {"v": big["d"]})
+
+
 @pytest.mark.couchdb
 def test_couchdb_reads_its_document_limit_from_the_server(couchdb_base_url: str) -> None:
     store = CouchDBStore(fresh_couch_db(couchdb_base_url))
@@ -293,8 +340,10 @@ class OneBatch:
         return outcomes
 
 
-def test_one_bad_send_among_41_threads_fails_alone(make_app: MakeApp) -> None:
-    """The blast radius of one hostile message is that message."""
+def test_one_bad_send_among_41_threads_fails_alone(
+    make_app: MakeApp, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The blast radius of one hostile message is that message (and no traceback in the log)."""
     batch = OneBatch()
     app = make_app({"put": put, "hold": batch.hold, "surrogate": lambda p, s, d: {"v": "\ud800"}})
     good = [("put", f"good-{i}", i) for i in range(39)]
@@ -303,6 +352,7 @@ def test_one_bad_send_among_41_threads_fails_alone(make_app: MakeApp) -> None:
     assert isinstance(outcomes["bad-state"], casern.InvalidState)
     assert [outcomes[id] for _, id, _ in good] == [{"v": i} for i in range(39)]
     assert app.get("bad") is None and app.get("bad-state") is None
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
     assert [app.get(id) for _, id, _ in good] == [{"v": i} for i in range(39)]
 
 
@@ -376,3 +426,35 @@ def test_a_couchdb_validation_refusing_one_document_lands_the_others(
         assert isinstance(b, casern.InvalidState) and "forbidden states are refused" in str(b)
         assert (a, c) == ({"v": 1}, {"v": 3})
         assert app.get("a") == {"v": 1} and app.get("c") == {"v": 3} and app.get("b") is None
+
+
+@pytest.mark.couchdb
+@pytest.mark.parametrize(
+    ("status", "error"),
+    [(400, "bad_request"), (500, "doc_validation"), (413, "document_too_large")],
+)
+def test_couchdb_refusing_one_documents_content_is_never_an_outage(
+    couchdb_base_url: str, status: int, error: str
+) -> None:
+    """A whole `_bulk_docs` refused for one document: that one fails, the others land."""
+
+    def fault(request: httpx.Request, forward: Callable[[], httpx.Response]) -> httpx.Response:
+        if request.url.path.endswith("/_bulk_docs") and b"poison" in request.content:
+            reason = "p" if status == 413 else "refused for its content"
+            return httpx.Response(status, json={"error": error, "reason": reason})
+        return forward()
+
+    store = CouchDBStore(fresh_couch_db(couchdb_base_url), transport=Flaky(fault), retries=1)
+    try:
+        revs = store.put_many(
+            [
+                Write("a", None, {"state": {"v": 1}, "seq": 1}),
+                Write("p", None, {"state": {"v": "poison"}, "seq": 1}),
+                Write("c", None, {"state": {"v": 3}, "seq": 1}),
+            ]
+        )
+        assert isinstance(revs[0], str) and isinstance(revs[2], str)
+        assert isinstance(revs[1], casern.InvalidState)
+        assert sorted(store.get_many(["a", "p", "c"])) == ["a", "c"]
+    finally:
+        store.close()

@@ -377,6 +377,12 @@ def test_retry_button_posts_the_form_and_comes_back(
         headers={"content-type": "application/x-www-form-urlencoded", "origin": ORIGIN},
     )
     assert off_site.headers["location"] == "/inspector/?retried=0"  # never off the site
+    backslash = w.post(
+        "/retry",
+        body=b"back=/%5Cevil.example/",
+        headers={"content-type": "application/x-www-form-urlencoded", "origin": ORIGIN},
+    )
+    assert backslash.headers["location"] == "/inspector/?retried=0"
 
 
 # -- escaping ----------------------------------------------------------------------------
@@ -433,7 +439,11 @@ def test_with_a_token_every_request_needs_it(web: Callable[..., Web]) -> None:
     assert ok.json() == {"retried": 0}
     page = w.get("/machines/a")
     assert page.status == 401 and 'name="token"' in page.text and "&#34;n&#34;" not in page.text
+    back_to = w.get("/machines/" + enc("a/b"))
+    assert 'name="next" value="/machines/a%2Fb"' in back_to.text
     assert w.get("/static/inspector.css").status == 200  # the login page's style
+    for sneaky in ("/static/../api/machines", "/login/../api/machines", "/loginx"):
+        assert w.get(sneaky).status in (401, 404), sneaky
 
 
 def test_the_login_form_sets_a_cookie_that_is_not_the_token(web: Callable[..., Web]) -> None:

@@ -38,8 +38,12 @@ SECURITY_HEADERS = {
     "cache-control": "no-store",
 }
 
-# Route paths reachable without logging in: the login form and its stylesheet.
-OPEN_PATHS = ("/login", "/static/")
+
+def is_open(path: str) -> bool:
+    """Reachable without logging in: the login form and its stylesheet and script."""
+    return path == "/login" or (path.startswith("/static/") and ".." not in path)
+
+
 SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
 
 
@@ -129,7 +133,7 @@ class Guard:
                 " to serve it under other names.",
                 403,
             )
-        if not authed and not path.startswith(OPEN_PATHS):
+        if not authed and not is_open(path):
             if path.startswith("/api/") or self.login_page is None or scope["method"] != "GET":
                 return JSONResponse(
                     {"error": "this inspector needs the header 'Authorization: Bearer <token>'"},

@@ -155,6 +155,13 @@ class EncodedIds:
         await self.app(scope, receive, send)
 
 
+def _local(target: str) -> str:
+    """A path inside the inspector to redirect to, never another site (`//x`, `/\\x`)."""
+    if not target.startswith("/") or target.startswith("//") or "\\" in target:
+        return "/"
+    return target
+
+
 def _id(request: Request) -> str:
     return unquote(request.path_params["id"])
 
@@ -305,10 +312,8 @@ class Inspector:
         form = parse_qs((await request.body()).decode("utf-8", "replace"))
         id = form.get("id", [""])[0] or None
         count = await run_in_threadpool(self.app.retry, id)
-        back = form.get("back", ["/"])[0]
+        back = _local(form.get("back", ["/"])[0])
         base = request.scope.get("root_path", "")
-        if not back.startswith("/") or back.startswith("//"):
-            back = "/"
         sep = "&" if "?" in back else "?"
         return RedirectResponse(f"{base}{back}{sep}retried={count}", 303)
 
@@ -323,9 +328,7 @@ class Inspector:
         base = request.scope.get("root_path", "")
         form = parse_qs((await request.body()).decode("utf-8", "replace"))
         given = form.get("token", [""])[0]
-        target = form.get("next", ["/"])[0]
-        if not target.startswith("/") or target.startswith("//"):
-            target = "/"
+        target = _local(form.get("next", ["/"])[0])
         if self.token is None:
             return RedirectResponse(base + target, 303)
         if not hmac.compare_digest(given.encode(), self.token.encode()):
@@ -423,4 +426,6 @@ def build(source: AppSource, token: str | None, *, loopback_only: bool = False) 
             HTTPException: views.error,
         },
     )
-    return Guard(EncodedIds(web), token, loopback_only=loopback_only, login_page=views.login_page)
+    # EncodedIds first: the guard's login page then sends a browser back to the same id.
+    guard = Guard(web, token, loopback_only=loopback_only, login_page=views.login_page)
+    return EncodedIds(guard)

@@ -11,6 +11,7 @@ envelopes with revision-checked writes. The envelope is a JSON object::
      "due":     {"reducer": t}, # next timer per reducer (epoch seconds)
      "fired":   {"reducer": t}, # due times already consumed (fire once)
      "pending": [{...}, ...],   # the outbox: changes whose listeners have not all run
+                                #   (prev/state kept once: see casern/_outbox.py)
      "failed":  [{...}, ...],   # deliveries that exhausted their retries
      "log":     [{...}, ...],   # newest history entries (stores without atomic history)
      "next_due": t | null,      # min(due), indexed

@@ -68,6 +68,10 @@ _SEQ_DIGITS = 16
 # (pouchdb-server answers a whole `_bulk_docs` with 500 doc_validation).
 _PERMANENT = {"doc_validation", "bad_request", "forbidden", "unauthorized", "too_large"}
 
+# Errors about a document's content: pouchdb-server answers 500 doc_validation
+# to a malformed document and 500 RangeError to one nested too deep for it.
+_BAD_DOCUMENT = {"doc_validation", "bad_request", "RangeError"}
+
 # The Mango indexes that keep timers and recovery O(due), not O(machines).
 _INDEXES = ("next_due", "pending_since", "nfailed")
 
@@ -229,6 +233,13 @@ class _Retry(Exception):
 
 class _MissingDB(Exception):
     """The database is gone (deleted, or an in-memory server restarted)."""
+
+
+class _DocRefused(Exception):
+    """The server refused a request's documents for their content (nothing written)."""
+
+    def __init__(self, error: StoreUnavailable) -> None:
+        self.error = error
 
 
 class _TooLarge(Exception):
@@ -642,11 +653,21 @@ class CouchDBStore(Store):
                     docs,
                     params=self._quorum(),
                     status=status,
+                    documents=True,
                 )
                 if status and status[0] == 202 and self.may_fork:
                     self._note_partial(
                         (row["id"], row["rev"]) for row in rows if "error" not in row
                     )
+            except _DocRefused as exc:
+                # The server refused the whole request for a document it did not name
+                # (nothing was written): send them one by one to refuse only that one.
+                if len(todo) == 1:
+                    results[todo[0]] = InvalidState(str(exc.error))
+                    return results
+                for i in todo:
+                    results[i] = self._put_chunk([writes[i]])[0]
+                return results
             except _TooLarge as exc:  # CouchDB measured more than we did: refuse that one
                 named = [i for i in todo if writes[i].id == exc.id] or todo
                 for i in named:
@@ -879,10 +900,13 @@ class CouchDBStore(Store):
         params: dict[str, str] | None = None,
         expect: tuple[int, ...] = (),
         status: list[int] | None = None,
+        documents: bool = False,
     ) -> Any:
         """One request, no retry: JSON, or `_Retry` / `_MissingDB` / `StoreUnavailable`.
 
         `status`, if given, receives the HTTP status of a successful answer.
+        `documents`: the body holds documents; a refusal of their content
+        raises `_DocRefused` (never retried as an outage).
         """
         try:
             resp = self._client.request(
@@ -916,6 +940,8 @@ class CouchDBStore(Store):
             raise _MissingDB()
         if status_code == 413 and err.get("error") == "document_too_large":
             raise _TooLarge(str(err.get("reason", "")))
+        if documents and (status_code == 400 or err.get("error") in _BAD_DOCUMENT):
+            raise _DocRefused(self._refused(err, status=status_code))
         if status_code >= 500 and err.get("error") not in _PERMANENT:
             raise _Retry(f"HTTP {status_code} {err.get('error', '')}".strip(), sent=True)
         raise self._refused(err, status=status_code)
