@@ -278,25 +278,41 @@ def setup_logging(level: int) -> None:
     logging.getLogger("apscheduler").setLevel(logging.ERROR)
 
 
-def log_to_root(level: int) -> None:
+@contextmanager
+def root_logging(level: int) -> Iterator[None]:
     """For long runners: log everything (the user's listeners too) to stderr at `level`.
 
-    casern's own records go through the root handler then; APScheduler's
-    per-tick chatter stays below WARNING either way.
+    casern's own records go through the root handler meanwhile; the per-tick and
+    per-request chatter of APScheduler and httpx stays below WARNING. Undone on exit.
     """
     root = logging.getLogger()
     casern_log = logging.getLogger("casern")
-    handler = next((h for h in casern_log.handlers if isinstance(h, _Handler)), None) or _Handler()
-    casern_log.removeHandler(handler)
-    casern_log.propagate = True
-    casern_log.setLevel(logging.NOTSET)
-    handler.setFormatter(
+    quiet = [logging.getLogger(name) for name in ("apscheduler", "httpx", "httpcore")]
+    saved = (root.level, casern_log.level, casern_log.propagate, [q.level for q in quiet])
+    handler = next((h for h in casern_log.handlers if isinstance(h, _Handler)), None)
+    if handler is not None:
+        casern_log.removeHandler(handler)
+    mine = _Handler()
+    mine.setFormatter(
         logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s", "%H:%M:%S")
     )
-    if handler not in root.handlers:
-        root.addHandler(handler)
+    root.addHandler(mine)
     root.setLevel(level)
-    logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    casern_log.propagate = True
+    casern_log.setLevel(logging.NOTSET)
+    for q in quiet:
+        q.setLevel(max(q.level, logging.WARNING))
+    try:
+        yield
+    finally:
+        root.removeHandler(mine)
+        root.setLevel(saved[0])
+        casern_log.setLevel(saved[1])
+        casern_log.propagate = saved[2]
+        for q, old in zip(quiet, saved[3], strict=True):
+            q.setLevel(old)
+        if handler is not None:
+            casern_log.addHandler(handler)
 
 
 # -- the commands -----------------------------------------------------------------------
@@ -538,7 +554,11 @@ def worker(app: Casern, once: bool, log_level: str | None, grace: float) -> None
     """
     verbose = click.get_current_context().find_object(Options)
     default = logging.DEBUG if verbose is not None and verbose.verbose >= 2 else logging.INFO
-    log_to_root(logging.getLevelName(log_level.upper()) if log_level else default)
+    with root_logging(logging.getLevelName(log_level.upper()) if log_level else default):
+        _work(app, once, grace)
+
+
+def _work(app: Casern, once: bool, grace: float) -> None:
     if once:
         fired = app.run_once()
         app.drain()
