@@ -265,6 +265,9 @@ class _Handler(logging.Handler):
 def setup_logging(level: int) -> None:
     """Send the `casern` logger to stderr at `level`; only the CLI configures logging."""
     logger = logging.getLogger("casern")
+    root = logging.getLogger()
+    for stale in [h for h in root.handlers if isinstance(h, _Handler)]:
+        root.removeHandler(stale)  # left by an earlier command of this process (`log_to_root`)
     handler = next((h for h in logger.handlers if isinstance(h, _Handler)), None)
     if handler is None:
         handler = _Handler()
@@ -297,6 +300,9 @@ def log_to_root(level: int) -> None:
         root.addHandler(handler)
     root.setLevel(level)
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    # The HTTP client logs every request at INFO: a line per CouchDB call, only with -vv.
+    for chatty in ("httpx", "httpcore"):
+        logging.getLogger(chatty).setLevel(level if level <= logging.DEBUG else logging.WARNING)
 
 
 # -- the commands -----------------------------------------------------------------------
