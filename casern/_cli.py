@@ -265,6 +265,9 @@ class _Handler(logging.Handler):
 def setup_logging(level: int) -> None:
     """Send the `casern` logger to stderr at `level`; only the CLI configures logging."""
     logger = logging.getLogger("casern")
+    root = logging.getLogger()
+    for stale in [h for h in root.handlers if isinstance(h, _Handler)]:
+        root.removeHandler(stale)  # left by an earlier command of this process
     handler = next((h for h in logger.handlers if isinstance(h, _Handler)), None)
     if handler is None:
         handler = _Handler()
@@ -301,7 +304,9 @@ def root_logging(level: int) -> Iterator[None]:
     casern_log.propagate = True
     casern_log.setLevel(logging.NOTSET)
     for q in quiet:
-        q.setLevel(max(q.level, logging.WARNING))
+        # httpx logs every request at INFO: a line per CouchDB call, shown only with -vv.
+        debug = level <= logging.DEBUG and q.name != "apscheduler"
+        q.setLevel(level if debug else max(q.level, logging.WARNING))
     try:
         yield
     finally:

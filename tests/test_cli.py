@@ -327,6 +327,19 @@ def test_worker_once_fires_due_timers(cli_app: CLIApp) -> None:
     assert "woke_at" in json.loads(cli_app.invoke("show", "t1").stdout)
 
 
+def test_worker_logs_no_http_request_lines_and_leaves_later_commands_quiet(
+    cli_app: CLIApp,
+) -> None:
+    result = cli_app.invoke("worker", "--once")
+    assert result.exit_code == 0, result.output
+    assert "HTTP Request" not in result.stderr  # httpx logs every request at INFO
+    failed = cli_app.invoke("send", "nope", "x")
+    assert failed.exit_code == 1
+    assert failed.stderr.splitlines() == [
+        "casern: error: no reducer named 'nope' (known: arm, inc, wake)"
+    ]
+
+
 def test_app_may_be_an_instance_or_come_from_the_environment(
     cli_app: CLIApp, tmp_path: Path
 ) -> None:
