@@ -1037,17 +1037,22 @@ class Engine:
                 due.pop(name, None)
                 fired.pop(name, None)
                 continue
-            if isinstance(at, bool) or not isinstance(at, int | float) or not math.isfinite(at):
+            if (
+                isinstance(at, bool)
+                or not isinstance(at, int | float)
+                or (isinstance(at, float) and not math.isfinite(at))
+            ):
                 raise ReducerError(
                     f"timers function {name!r} returned {at!r}; return epoch seconds or None"
                 )
-            at = float(at)
-            if at > YEAR_5000:
+            if at > YEAR_5000 or at < -YEAR_5000:  # before float(): 10**400 overflows there
+                shown = repr(at) if isinstance(at, float) or at.bit_length() <= 64 else "a huge int"
                 raise ReducerError(
-                    f"timers function {name!r} returned {at!r}, a time after the year 5000:"
+                    f"timers function {name!r} returned {shown}, a time after the year 5000:"
                     " that looks like milliseconds (a JavaScript habit); return epoch seconds,"
                     " e.g. time.time() + 60"
                 )
+            at = float(at)
             if fired.get(name) == at:
                 due.pop(name, None)
                 continue

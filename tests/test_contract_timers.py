@@ -189,3 +189,13 @@ def test_run_once_never_fires_early_even_when_asked_for_a_later_now(make_app: An
     app.send("remind", "a", {"at": time.time(), "in": 3600})
     app.run_once(now=time.time() + 7200)
     assert app.get("a")["fired"] == []
+
+
+@pytest.mark.parametrize("at", [10**400, -(10**400), 2e300])
+def test_a_timers_function_returning_a_huge_number_is_refused_with_a_clear_error(
+    make_app: Any, at: float
+) -> None:
+    app = make_app(REDUCERS, timers={"wake": lambda p, s: at})
+    with pytest.raises(casern.ReducerError, match="year 5000"):
+        app.send("remind", "a", {"at": 1, "in": 1})
+    assert app.get("a") is None
