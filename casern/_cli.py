@@ -605,6 +605,7 @@ def _work(app: Casern, once: bool, grace: float) -> None:
         app.close(timeout=grace)
     except KeyboardInterrupt:
         log.info("left %d change(s) in the outbox for the next worker", app._under_way())
+        app.close(timeout=0)  # or the exit hook closes it again, waiting up to 10 s
     log.info("worker stopped")
 
 

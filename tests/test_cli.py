@@ -66,7 +66,7 @@ def record(change):
     if (HERE / "fail.flag").exists():
         raise RuntimeError("listener exploded")
     if (HERE / "slow.flag").exists():
-        time.sleep(2)
+        time.sleep(float((HERE / "slow.flag").read_text() or 2))
     with open(HERE / "listened.txt", "a") as f:
         f.write(f"{{change.id}} {{change.seq}}\\n")
     logging.getLogger("cliapp").info("recorded %s %s", change.id, change.seq)
@@ -563,6 +563,46 @@ def test_worker_logs_listeners_and_says_what_it_waits_for_when_stopped(
     assert "apscheduler" not in err and "Running job" not in err
     assert err.strip().splitlines()[-1].endswith("worker stopped")
     assert cli_app.listened() == ["w1", "1", "w1", "2"]
+
+
+def test_a_second_ctrl_c_leaves_the_listeners_under_way_and_exits_at_once(
+    cli_app: CLIApp, opened: Callable[[], casern.Casern]
+) -> None:
+    cli_app.run("send", "arm", "w1", json.dumps({"at": time.time() + 0.5}))
+    (cli_app.root / "slow.flag").write_text("4")  # the timer's listener runs 4 s
+    proc = subprocess.Popen(
+        [casern_script(), "--app", cli_app.ref, "--store", cli_app.store, "worker"],
+        cwd=cli_app.root,
+        env=cli_app.env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        # Ctrl-C as at a terminal, even when the test runner was started with SIGINT ignored.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    try:
+        deadline = time.monotonic() + 30
+        reader = opened()
+        while time.monotonic() < deadline and not reader.inspect("w1")["pending"]:  # type: ignore[index]
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGINT)
+        while time.monotonic() < deadline and proc.stderr is not None:
+            if "Ctrl-C again" in proc.stderr.readline():
+                break
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    assert "left 1 change(s) in the outbox for the next worker" in err
+    assert err.strip().splitlines()[-1].endswith("worker stopped")
+    # It exited without waiting for the listener (before: the exit hook closed the app
+    # again and waited up to 10 s, letting the listener finish).
+    assert cli_app.listened() == ["w1", "1"]
+    pending = reader.inspect("w1")["pending"]  # type: ignore[index]
+    assert [entry["seq"] for entry in pending] == [2]  # left for the next worker
 
 
 def test_store_overrides_the_store_of_an_app_instance(tmp_path: Path) -> None:
