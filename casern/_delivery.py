@@ -310,7 +310,10 @@ class Dispatcher:
                 def run() -> None:
                     asyncio.set_event_loop(loop)
                     loop.call_soon(ready.set)
-                    loop.run_forever()
+                    try:
+                        loop.run_forever()
+                    finally:  # stopped by stop() or abandon(): nothing runs on it again
+                        loop.close()
 
                 self._thread = threading.Thread(target=run, name="casern-delivery", daemon=True)
                 self._thread.start()

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -121,6 +122,22 @@ def test_an_app_collected_unclosed_warns_and_lets_its_threads_go(store_url: str)
     while threading.active_count() > before + 5 and time.monotonic() < deadline:
         time.sleep(0.05)  # pool threads leave once idle; the loop and committer at once
     assert threading.active_count() <= before + 5
+
+
+def test_closing_an_app_with_an_async_listener_closes_its_event_loop(
+    make_app: Callable[..., casern.Casern],
+) -> None:
+    async def listener(change: casern.Change) -> None:
+        await asyncio.sleep(0)
+
+    app = make_app(listeners={"l": listener})
+    app.send("inc", "a")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        app.close()
+        gc.collect()
+    # Before, the loop thread ended with its loop open: "unclosed event loop" at exit.
+    assert [str(w.message) for w in caught if w.category is ResourceWarning] == []
 
 
 def _inc(preferences: Any, state: dict[str, Any], data: Any) -> dict[str, Any]:
