@@ -271,6 +271,18 @@ def test_an_unknown_machine_is_404_and_an_impossible_id_400(web: Callable[..., W
     assert bad.status == 400 and "error" in bad.json()
 
 
+def test_an_id_that_is_not_percent_encoded_utf8_is_400_not_another_machine(
+    web: Callable[..., Web],
+) -> None:
+    w = web()
+    w.app.send("inc", "\ufffd")  # what a lenient decoder turns a stray byte into
+    for path in ("/api/machines/%C3", "/api/machines/%C3/history", "/machines/%FF%FE"):
+        reply = w.get(path)
+        assert reply.status == 400, (path, reply.text)  # was 200: the machine '\ufffd'
+        assert "UTF-8" in reply.text
+    assert w.post("/api/retry", json_body={"id": "\ufffd"}).json() == {"retried": 0}
+
+
 def test_history_api_gives_each_change_with_what_it_changed(web: Callable[..., Web]) -> None:
     w = web()
     w.app.send("inc", "h", {"step": 1})

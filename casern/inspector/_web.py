@@ -163,7 +163,14 @@ def _local(target: str) -> str:
 
 
 def _id(request: Request) -> str:
-    return unquote(request.path_params["id"])
+    """The id from the path; a stray byte is refused, never read as another id (U+FFFD)."""
+    encoded = request.path_params["id"]
+    try:
+        return unquote(encoded, errors="strict")
+    except UnicodeDecodeError:
+        raise InvalidId(
+            f"the id in the path is not percent-encoded UTF-8: {encoded!r:.80}"
+        ) from None
 
 
 # -- the app -----------------------------------------------------------------------------
