@@ -665,6 +665,15 @@ class Casern:
         if self._closed:
             return
         self._dispatcher.check_not_inside("close")
+        try:
+            self._close(timeout)
+        except KeyboardInterrupt:
+            # Ctrl-C while waiting: what still runs stays in the outbox. Close the rest
+            # now, or the exit hook would close it again and wait the whole timeout.
+            self._close(min(timeout, 0.5))
+            raise
+
+    def _close(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         # A bit of the time is kept for writing the acknowledgements of what ran.
         reserve = min(1.0, timeout / 4)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import os
+import signal
 import subprocess
 import sys
 import threading
@@ -56,6 +58,42 @@ def test_close_returns_within_its_timeout_and_leaves_the_rest_pending(
     assert took < 3.5  # was 4 s and more: the drain's timeout, then the dispatcher's
     later = make_app(listeners={"l": lambda c: None})
     assert later.store.pending(time.time() + 60, 10) == ["a"]
+
+
+def test_ctrl_c_while_close_waits_for_a_listener_still_closes_the_app(
+    make_app: Callable[..., casern.Casern],
+) -> None:
+    release = threading.Event()
+    main = threading.main_thread().ident
+
+    def closing() -> bool:
+        frame = sys._current_frames().get(main or 0)
+        while frame is not None and frame.f_code.co_name != "close":
+            frame = frame.f_back
+        return frame is not None
+
+    def slow(change: casern.Change) -> None:
+        if change.seq > 1:
+            return
+        while not closing():
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while close() waits for this listener
+        release.wait(30)
+
+    app = make_app(listeners={"slow": slow})
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        app.send("inc", "a")
+        with pytest.raises(KeyboardInterrupt):
+            app.close(timeout=30)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        release.set()
+    # Before, it stayed open: the exit hook closed it again and waited 10 s more.
+    with pytest.raises(casern.CasernError, match="closed"):
+        app.send("inc", "a")
+    later = make_app(listeners={"l": lambda c: None})
+    assert later.store.pending(time.time() + 60, 10) == ["a"]  # left for a later start()
 
 
 @pytest.mark.parametrize("kind", ["plain", "async"])
