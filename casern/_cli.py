@@ -130,6 +130,9 @@ class Options:
         app = load_app(self.app, self.store)
         try:
             yield app
+        except KeyboardInterrupt:
+            app.close(timeout=0.5)  # Ctrl-C: listeners still running are left to a worker
+            raise
         finally:
             app.close()
 
@@ -593,19 +596,19 @@ def _work(app: Casern, once: bool, grace: float) -> None:
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-    under_way = app._under_way()
-    if under_way:
-        log.info(
-            "waiting up to %gs for the listeners of %d change(s) under way (Ctrl-C again to"
-            " leave them: the next worker delivers them)",
-            grace,
-            under_way,
-        )
-    try:
+    try:  # from here a second Ctrl-C leaves the listeners under way
+        under_way = app._under_way()
+        if under_way:
+            log.info(
+                "waiting up to %gs for the listeners of %d change(s) under way (Ctrl-C again"
+                " to leave them: the next worker delivers them)",
+                grace,
+                under_way,
+            )
         app.close(timeout=grace)
     except KeyboardInterrupt:
-        log.info("left %d change(s) in the outbox for the next worker", app._under_way())
-        app.close(timeout=0)  # or the exit hook closes it again, waiting up to 10 s
+        app.close(timeout=0.5)  # a no-op if the interrupted close() closed it already
+        log.info("left the listeners still under way in the outbox for the next worker")
     log.info("worker stopped")
 
 

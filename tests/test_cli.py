@@ -596,13 +596,43 @@ def test_a_second_ctrl_c_leaves_the_listeners_under_way_and_exits_at_once(
             proc.kill()
             proc.wait()
     assert proc.returncode == 0, err
-    assert "left 1 change(s) in the outbox for the next worker" in err
+    assert "left the listeners still under way in the outbox for the next worker" in err
     assert err.strip().splitlines()[-1].endswith("worker stopped")
     # It exited without waiting for the listener (before: the exit hook closed the app
     # again and waited up to 10 s, letting the listener finish).
     assert cli_app.listened() == ["w1", "1"]
     pending = reader.inspect("w1")["pending"]  # type: ignore[index]
     assert [entry["seq"] for entry in pending] == [2]  # left for the next worker
+
+
+def test_ctrl_c_while_send_waits_for_its_listeners_exits_at_once(cli_app: CLIApp) -> None:
+    (cli_app.root / "slow.flag").write_text("4")  # the listener runs 4 s
+    proc = subprocess.Popen(
+        [casern_script(), "--app", cli_app.ref, "--store", cli_app.store, "send", "inc", "s1"],
+        cwd=cli_app.root,
+        env=cli_app.env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    try:
+        assert proc.stdout is not None
+        assert json.loads(proc.stdout.readline()) == {"n": 1}  # committed; listener running
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode != 0 and "Traceback" not in err, err
+    # Before, close() then waited up to 10 s more, and the listener finished.
+    assert cli_app.listened() == []
+    later = cli_app.make()
+    try:
+        assert [e["seq"] for e in later.inspect("s1")["pending"]] == [1]  # type: ignore[index]
+    finally:
+        later.close(timeout=0)
 
 
 def test_store_overrides_the_store_of_an_app_instance(tmp_path: Path) -> None:
