@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -405,6 +406,17 @@ def test_store_urls_are_redacted_in_messages(cli_app: CLIApp) -> None:
     )
     assert result.exit_code == 1
     assert "s3cret" not in result.output
+
+
+def test_the_readme_names_the_app_before_the_command() -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    shown = re.findall(r"`(casern [^`]*)`", readme) + re.findall(r"\n {4}(casern .*)", readme)
+    assert len(shown) > 10
+    for command in shown:
+        words = command.split()
+        names = [i for i, w in enumerate(words) if w in cli.commands]
+        if "--app" in words and names:
+            assert words.index("--app") < names[0], f"README: {command!r}: --app goes first"
 
 
 @pytest.mark.parametrize(
