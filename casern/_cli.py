@@ -501,13 +501,18 @@ def failed(app: Casern, as_json: bool, limit: int) -> None:
         return
     table = [("ID", "SEQ", "LISTENER", "ATTEMPTS", "ERROR")]
     table += [
-        (str(r["id"]), str(r["seq"]), str(r["listener"]), str(r["attempts"]), str(r["error"]))
+        (str(r["id"]), str(r["seq"]), str(r["listener"]), str(r["attempts"]), _flat(r["error"]))
         for r in rows
     ]
     widths = [max(len(row[i]) for row in table) for i in range(4)]
     for row in table:
         cells = [cell.ljust(w) for cell, w in zip(row, widths, strict=False)]
         click.echo("  ".join([*cells, row[4]]))
+
+
+def _flat(text: object) -> str:
+    """One table row per delivery: newlines and tabs become spaces (--json keeps them)."""
+    return " ".join(str(text).split())
 
 
 @cli.command()

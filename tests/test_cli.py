@@ -65,7 +65,7 @@ def wake_due(preferences, state):
 def record(change):
     """Fails while fail.flag exists; otherwise notes the change in listened.txt."""
     if (HERE / "fail.flag").exists():
-        raise RuntimeError("listener exploded")
+        raise RuntimeError((HERE / "fail.flag").read_text() or "listener exploded")
     if (HERE / "slow.flag").exists():
         time.sleep(float((HERE / "slow.flag").read_text() or 2))
     with open(HERE / "listened.txt", "a") as f:
@@ -299,6 +299,16 @@ def test_failed_lists_exhausted_deliveries_and_retry_requeues_them(cli_app: CLIA
     assert cli_app.invoke("retry").stdout.strip() == "1 failed delivery re-queued"
     assert json.loads(cli_app.invoke("failed", "--json").stdout) == []
     assert cli_app.invoke("retry").stdout.strip() == "0 failed deliveries re-queued"
+
+
+def test_failed_keeps_one_row_per_delivery_for_a_multi_line_error(cli_app: CLIApp) -> None:
+    (cli_app.root / "fail.flag").write_text("connect failed:\n\thost smtp.example.org\r\n")
+    cli_app.invoke("send", "inc", "f1")
+    lines = cli_app.invoke("failed").stdout.splitlines()
+    assert len(lines) == 2, lines  # was 4: the error's own lines broke the table
+    assert "RuntimeError: connect failed: host smtp.example.org" in lines[1]
+    [row] = json.loads(cli_app.invoke("failed", "--json").stdout)
+    assert "connect failed:\n\thost smtp.example.org" in row["error"]  # --json keeps it all
 
 
 def test_migrate_upgrades_every_stored_state(
