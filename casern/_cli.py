@@ -687,7 +687,10 @@ def inspect_command(host: str, port: int, token: str | None) -> None:
     options = click.get_current_context().find_object(Options)
     assert options is not None
     with options.open() as app:
-        serve(app, host, port, token, verbose=options.verbose)
+        try:
+            serve(app, host, port, token, verbose=options.verbose)
+        except OSError as e:  # the port is taken, the host unknown ...
+            raise CLIError(str(e)) from None
 
 
 cli.add_command(demo_command, "demo")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -135,6 +136,24 @@ def test_casern_inspect_refuses_a_network_host_without_a_token(
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "add --token" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_casern_inspect_on_a_port_in_use_says_so_in_one_line(
+    tmp_path: Path, app_module: str
+) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [casern_script(), "--app", app_module, "inspect", "--port", str(port)],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert result.returncode == 1, result.stderr
+    # Before: the banner ("casern inspector for ... on ...") and then uvicorn's ERROR line.
+    assert result.stderr.startswith(f"casern: error: cannot listen on 127.0.0.1:{port}: ")
+    assert result.stderr.count("\n") == 1 and "in use" in result.stderr
 
 
 def test_casern_inspect_help_names_its_options(tmp_path: Path) -> None:
