@@ -6,11 +6,9 @@ SIGINT.
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,6 +19,7 @@ import pytest
 
 import casern
 from _couch import free_port
+from _process import running
 
 APP = """
 import casern
@@ -52,37 +51,10 @@ def inspector(
 ) -> Iterator[tuple[str, subprocess.Popen[str]]]:
     """`casern inspect` in a subprocess; yields its base URL once it answers."""
     port = port or free_port()
-    proc = subprocess.Popen(
-        [casern_script(), "--app", ref, "--store", store, "inspect", "--port", str(port), *args],
-        cwd=cwd,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
     base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, proc.communicate()[1]
-            try:
-                httpx.get(base + "/static/inspector.css", timeout=2)
-                break
-            except httpx.TransportError:
-                assert time.monotonic() < deadline, "casern inspect did not answer in 60 s"
-                time.sleep(0.2)
+    command = [casern_script(), "--app", ref, "--store", store, "inspect", "--port", str(port)]
+    with running([*command, *args], cwd=cwd, probe=base + "/static/inspector.css") as proc:
         yield base, proc
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        assert proc.stdout is not None and proc.stderr is not None
-        proc.stdout.close()
-        proc.stderr.close()
 
 
 def test_casern_inspect_serves_pages_and_api_and_stops_on_sigint(
