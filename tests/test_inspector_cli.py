@@ -114,5 +114,33 @@ def test_casern_inspect_help_names_its_options(tmp_path: Path) -> None:
         [casern_script(), "inspect", "--help"], capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0
-    for option in ("--host", "--port", "--token", "CASERN_INSPECT_TOKEN"):
+    for option in ("--host", "--port", "--token", "CASERN_INSPECT_TOKEN", "--log-level"):
         assert option in result.stdout
+
+
+LOGGING_APP = """
+import logging
+import casern
+
+def make_app(store="sqlite://"):
+    logging.getLogger("myapp").info("app made for the inspector")
+    logging.getLogger("casern.mine").info("casern's own line")
+    return casern.Casern(store, {}, {}, {"inc": lambda p, s, d: s}, {})
+"""
+
+
+@pytest.mark.parametrize("level", [None, "INFO"])
+def test_casern_inspect_log_level_configures_the_root_logger(
+    tmp_path: Path, level: str | None
+) -> None:
+    (tmp_path / "loggingapp.py").write_text(LOGGING_APP)
+    store = f"sqlite:///{tmp_path}/x.db"
+    args = ["--log-level", level] if level else []
+    with inspector(tmp_path, "loggingapp:make_app", store, *args) as (base, proc):
+        assert httpx.get(base + "/api/machines").json() == {"ids": []}
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(20) == 0
+        assert proc.stderr is not None
+        err = proc.stderr.read()
+    shown = "myapp INFO: app made for the inspector" in err, "casern.mine INFO" in err
+    assert shown == ((True, True) if level else (False, False)), err  # WARNING by default
