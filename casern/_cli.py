@@ -540,15 +540,29 @@ def retry(app: Casern, id: str | None, wait: float) -> None:
         log.warning("deliveries still running after %gs; `casern worker` will finish them", wait)
 
 
+def log_level_option(default: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """`--log-level` of the long runners (`worker`, `inspect`): see `root_level`."""
+    return click.option(
+        "--log-level",
+        type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
+        default=None,
+        help="Level of the root logger: your listeners' logs show with casern's."
+        f"  [default: {default}, or DEBUG with -vv]",
+    )
+
+
+def root_level(log_level: str | None, default: int) -> int:
+    """The level `--log-level` asks for; without it `default`, or DEBUG with -vv."""
+    if log_level:
+        level: int = logging.getLevelName(log_level.upper())
+        return level
+    verbose = click.get_current_context().find_object(Options)
+    return logging.DEBUG if verbose is not None and verbose.verbose >= 2 else default
+
+
 @cli.command()
 @click.option("--once", is_flag=True, help="Run one tick (due timers, redelivery) and exit.")
-@click.option(
-    "--log-level",
-    type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
-    default=None,
-    help="Level of the root logger: your listeners' logs show with casern's."
-    "  [default: INFO, or DEBUG with -vv]",
-)
+@log_level_option("INFO")
 @click.option(
     "--grace",
     type=click.FloatRange(0),
@@ -565,9 +579,7 @@ def worker(app: Casern, once: bool, log_level: str | None, grace: float) -> None
     however many workers share a store, and changes whose listeners were cut
     short by a crash are delivered again.
     """
-    verbose = click.get_current_context().find_object(Options)
-    default = logging.DEBUG if verbose is not None and verbose.verbose >= 2 else logging.INFO
-    with root_logging(logging.getLevelName(log_level.upper()) if log_level else default):
+    with root_logging(root_level(log_level, logging.INFO)):
         _work(app, once, grace)
 
 
@@ -667,7 +679,8 @@ def _count_ids(app: Casern) -> int:
     help="Require 'Authorization: Bearer T' (or the login form) on every request."
     "  [env: CASERN_INSPECT_TOKEN]",
 )
-def inspect_command(host: str, port: int, token: str | None) -> None:
+@log_level_option("WARNING")
+def inspect_command(host: str, port: int, token: str | None, log_level: str | None) -> None:
     """Serve the inspector, a web page to look into the machines, until Ctrl-C.
 
     Machines by id prefix or `find` selector, each one's state, due timers,
@@ -686,7 +699,8 @@ def inspect_command(host: str, port: int, token: str | None) -> None:
         raise CLIUsageError(str(e)) from None
     options = click.get_current_context().find_object(Options)
     assert options is not None
-    with options.open() as app:
+    # Retry re-runs listeners in this process: their logs show like the worker's.
+    with root_logging(root_level(log_level, logging.WARNING)), options.open() as app:
         try:
             serve(app, host, port, token, verbose=options.verbose)
         except OSError as e:  # the port is taken, the host unknown ...

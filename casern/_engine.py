@@ -566,7 +566,8 @@ class Engine:
         missing = [id for id in groups if id not in cached]
         try:
             fetched = self.store.get_many(missing) if missing else {}
-            forked = [id for id, rec in fetched.items() if rec.conflicts]
+            # A re-check asks for every leaf: a read's `conflicts` may miss a sibling.
+            forked = [id for id, rec in fetched.items() if rec.conflicts or id in checks]
             leaves = self.store.leaves(forked) if forked else {}
         except CasernError as e:
             self._fail(batch, e)

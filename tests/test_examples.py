@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -13,10 +14,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from click.testing import CliRunner
 
 import casern
+from _couch import free_port
+from _process import running
 from casern import _demo
 from casern._cli import cli
 
@@ -154,6 +158,94 @@ def test_fastapi_app_serves_conversations_and_runs_timers(store_url: str) -> Non
     assert len(made) == 1
     with pytest.raises(casern.CasernError, match="closed"):
         made[0].send("message", "c-1", {"text": "late", "now": time.time()})
+
+
+# -- the Django example: real servers, real HTTP ---------------------------------------
+
+
+def stop(proc: subprocess.Popen[str]) -> str:
+    """SIGINT, as Ctrl-C would; the process must exit cleanly. Returns its stderr."""
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(30) == 0
+    assert proc.stderr is not None
+    err = proc.stderr.read()
+    assert "Traceback" not in err, err
+    return err
+
+
+def check_conversations_api(base: str, prefix: str) -> None:
+    """The Django views, sync (`send`) or async (`asend`) by `prefix`, over real HTTP."""
+    post = f"{base}{prefix}/conversations"
+    ok = httpx.post(f"{post}/c-1/messages", json={"text": "hello"})
+    assert ok.status_code == 200, ok.text
+    assert ok.json()["messages"] == ["hello"] and ok.json()["status"] == "open"
+    slashed = httpx.post(f"{post}/team%2Fa/messages", json={"text": "hi"})
+    assert slashed.status_code == 200, slashed.text  # ids with "/" are reachable
+    again = httpx.post(f"{post}/team/a/messages", json={"text": "again"})
+    assert again.json()["count"] == 2
+    assert httpx.get(f"{base}/conversations/team/a").json()["messages"] == ["hi", "again"]
+    assert httpx.get(f"{base}/conversations/nope").status_code == 404
+    invalid = httpx.post(f"{post}/c-1/messages", json={"text": ""})
+    assert invalid.status_code == 400 and "text" in invalid.json()["error"]
+    not_json = httpx.post(f"{post}/c-1/messages", content=b"hi")
+    assert not_json.status_code == 400 and "JSON object" in not_json.json()["error"]
+    bad_id = httpx.post(f"{post}/_design/messages", json={"text": "x"})
+    assert bad_id.status_code == 400 and "_" in bad_id.json()["error"]
+    assert httpx.get(f"{post}/c-1/messages").status_code == 405
+    assert httpx.get(f"{base}/conversations/c-1").json()["count"] == 1  # refused: nothing
+    machines = httpx.get(f"{base}/inspector/api/machines").json()  # the mounted inspector
+    assert machines == {"ids": ["c-1", "team/a"]}
+    assert httpx.get(f"{base}/inspector/").status_code == 200
+
+
+def django_env(store_url: str, idle: float = 300.0) -> dict[str, str]:
+    return {"CONVERSATIONS_STORE": store_url, "CONVERSATIONS_IDLE": str(idle)}
+
+
+def test_django_app_under_runserver_with_a_casern_worker_beside_it(store_url: str) -> None:
+    pytest.importorskip("django")
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    env = django_env(store_url, idle=0.5)
+    manage = [sys.executable, "examples/django_app/manage.py"]
+    casern_script = str(Path(sys.executable).parent / "casern")
+    worker = [casern_script, "--app", "examples.django_app.machines:casern_app", "worker"]
+    with (
+        running(
+            [*manage, "runserver", "--noreload", f"127.0.0.1:{port}"], cwd=REPO, env=env, probe=base
+        ) as web,
+        running(worker, cwd=REPO, env=env) as timers,
+    ):
+        check_conversations_api(base, "")
+        deadline = time.monotonic() + 30
+        state: dict[str, Any] = {}
+        while time.monotonic() < deadline and state.get("status") != "idle":
+            time.sleep(0.2)
+            state = httpx.get(f"{base}/conversations/c-1").json()
+        assert state["status"] == "idle", "the worker beside runserver never fired the timer"
+        stop(web)
+        assert "nudging c-1: are you still there?" in stop(timers)  # the listener's own log
+    from examples import conversations
+
+    with conversations.make_app(store_url) as app:
+        assert app.get("team/a")["count"] == 2
+        assert app.failed() == []
+
+
+def test_django_asgi_app_under_uvicorn_serves_the_async_view(store_url: str) -> None:
+    pytest.importorskip("django")
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    uvicorn = [sys.executable, "-m", "uvicorn", "examples.django_app.asgi:application"]
+    with running(
+        [*uvicorn, "--port", str(port)], cwd=REPO, env=django_env(store_url), probe=base
+    ) as web:
+        check_conversations_api(base, "/async")
+        stop(web)
+    from examples import conversations
+
+    with conversations.make_app(store_url) as app:
+        assert app.get("c-1")["messages"] == ["hello"]
 
 
 # -- the chatbot demo -------------------------------------------------------------------

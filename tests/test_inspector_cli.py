@@ -6,12 +6,10 @@ SIGINT.
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,6 +20,7 @@ import pytest
 
 import casern
 from _couch import free_port
+from _process import running
 
 APP = """
 import casern
@@ -53,37 +52,10 @@ def inspector(
 ) -> Iterator[tuple[str, subprocess.Popen[str]]]:
     """`casern inspect` in a subprocess; yields its base URL once it answers."""
     port = port or free_port()
-    proc = subprocess.Popen(
-        [casern_script(), "--app", ref, "--store", store, "inspect", "--port", str(port), *args],
-        cwd=cwd,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
     base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, proc.communicate()[1]
-            try:
-                httpx.get(base + "/static/inspector.css", timeout=2)
-                break
-            except httpx.TransportError:
-                assert time.monotonic() < deadline, "casern inspect did not answer in 60 s"
-                time.sleep(0.2)
+    command = [casern_script(), "--app", ref, "--store", store, "inspect", "--port", str(port)]
+    with running([*command, *args], cwd=cwd, probe=base + "/static/inspector.css") as proc:
         yield base, proc
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        assert proc.stdout is not None and proc.stderr is not None
-        proc.stdout.close()
-        proc.stderr.close()
 
 
 def test_casern_inspect_serves_pages_and_api_and_stops_on_sigint(
@@ -161,5 +133,33 @@ def test_casern_inspect_help_names_its_options(tmp_path: Path) -> None:
         [casern_script(), "inspect", "--help"], capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0
-    for option in ("--host", "--port", "--token", "CASERN_INSPECT_TOKEN"):
+    for option in ("--host", "--port", "--token", "CASERN_INSPECT_TOKEN", "--log-level"):
         assert option in result.stdout
+
+
+LOGGING_APP = """
+import logging
+import casern
+
+def make_app(store="sqlite://"):
+    logging.getLogger("myapp").info("app made for the inspector")
+    logging.getLogger("casern.mine").info("casern's own line")
+    return casern.Casern(store, {}, {}, {"inc": lambda p, s, d: s}, {})
+"""
+
+
+@pytest.mark.parametrize("level", [None, "INFO"])
+def test_casern_inspect_log_level_configures_the_root_logger(
+    tmp_path: Path, level: str | None
+) -> None:
+    (tmp_path / "loggingapp.py").write_text(LOGGING_APP)
+    store = f"sqlite:///{tmp_path}/x.db"
+    args = ["--log-level", level] if level else []
+    with inspector(tmp_path, "loggingapp:make_app", store, *args) as (base, proc):
+        assert httpx.get(base + "/api/machines").json() == {"ids": []}
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(20) == 0
+        assert proc.stderr is not None
+        err = proc.stderr.read()
+    shown = "myapp INFO: app made for the inspector" in err, "casern.mine INFO" in err
+    assert shown == ((True, True) if level else (False, False)), err  # WARNING by default

@@ -369,7 +369,8 @@ class CouchDBStore(Store):
         out: dict[str, list[Record]] = {}
         for part in chunks(list(dict.fromkeys(ids)), CHUNK):
             body = {"docs": [{"id": id} for id in part]}
-            answer = self._call("POST", self._db + "/_bulk_get", body, db=self._db)
+            params = {"r": str(self.n)} if self.may_fork else None
+            answer = self._call("POST", self._db + "/_bulk_get", body, params=params, db=self._db)
             for res in answer["results"]:
                 docs = [got["ok"] for got in res.get("docs", []) if isinstance(got.get("ok"), dict)]
                 live = [d for d in docs if not d.get("_deleted")]
@@ -393,32 +394,23 @@ class CouchDBStore(Store):
         return [row["id"] for row in rows]
 
     def confirm(self, landed: Mapping[str, str]) -> set[str]:
-        """Re-read every id from all `n` replicas (`r=n`, `conflicts=true`).
+        """Ask for every leaf of each id (`_bulk_get`, as `open_revs=all`) from all replicas.
 
         A write that every replica took (201 with `w=n`) left its parent a leaf
-        nowhere, so no writer can fork it any more; if the re-read then shows
-        it as the only leaf, nothing can take its place. A 202 (a replica did
-        not take it: a node down or slow) is not confirmed: the engine checks
-        again later.
+        nowhere, so no writer can fork it any more; if then it is the only
+        leaf, nothing can take its place. (`conflicts=true` on a read is not
+        enough: it reports the siblings of the replicas that answered first.)
+        A 202 (a replica did not take it: a node down or slow) is not
+        confirmed: the engine checks again later.
         """
         if not self.may_fork:
             return set(landed)
         with self._partial_lock:
             partial = {id for id, rev in landed.items() if (id, rev) in self._partial}
             self._partial.difference_update((id, landed[id]) for id in partial)
-        sure: set[str] = set()
-        params = {"include_docs": "true", "conflicts": "true", "r": str(self.n)}
         todo = [id for id in landed if id not in partial]
-        for part in chunks(todo, CHUNK):
-            for row in self._rows(self._db, list(part), params):
-                doc = row.get("doc")
-                if (
-                    isinstance(doc, dict)
-                    and doc.get("_rev") == landed[row["id"]]
-                    and not doc.get("_conflicts")
-                ):
-                    sure.add(row["id"])
-        return sure
+        found = self.leaves(todo) if todo else {}
+        return {id for id in todo if [rec.rev for rec in found.get(id, ())] == [landed[id]]}
 
     def put_many(self, writes: Sequence[Write]) -> list[str | CasernError | None]:
         """One `_bulk_docs` per chunk; a retried chunk never applies a write twice."""

@@ -120,7 +120,9 @@ class SQLiteStore(Store):
             # SQLite's own limit on one value (1,000,000,000 bytes unless compiled otherwise).
             limit = self._db.getlimit(sqlite3.SQLITE_LIMIT_LENGTH)
             self.max_document_size: int = min(limit, max_document_size or limit)
-            self._db.execute("PRAGMA journal_mode=WAL")
+            # Switching to WAL can answer "database is locked" at once, without waiting
+            # for the busy timeout, while another process opens the same new file.
+            self._retry(lambda: self._db.execute("PRAGMA journal_mode=WAL"))
             self._db.execute(f"PRAGMA synchronous={synchronous.upper()}")
             self._retry(self._create_schema)
         except sqlite3.Error as e:
