@@ -363,6 +363,7 @@ def test_credentials_never_shown() -> None:
             CouchDBStore(f"http://alice:wr0ng-pw@127.0.0.1:{server.port}/creds-db")
         text = _all_text(wrong.value)
         assert "wr0ng" not in text and "401" in text and "password" in text
+        assert ".;" not in str(wrong.value)  # the server's reason ends in a full stop
 
 
 def test_unreachable_is_bounded() -> None:

@@ -979,7 +979,7 @@ class CouchDBStore(Store):
         """A refusal a retry cannot fix: bad credentials, no permission, a rejected doc."""
         error, reason = (
             str(err.get("error", "")),
-            self._scrub(str(err.get("reason", ""))),
+            self._scrub(str(err.get("reason", ""))).rstrip(". "),
         )
         what = f"{status} {error}" if status else error
         doc = f" document {err['id']!r:.80}" if "id" in err else ""
