@@ -134,6 +134,24 @@ class CLIApp:
             timeout=timeout,
         )
 
+    def start(self, *args: str, interruptible: bool = False) -> subprocess.Popen[str]:
+        """Start the console script on this app in the background (stdout/stderr piped).
+
+        `interruptible`: Ctrl-C acts as at a terminal, even when the test runner was
+        started with SIGINT ignored.
+        """
+        return subprocess.Popen(
+            [casern_script(), "--app", self.ref, "--store", self.store, *args],
+            cwd=self.root,
+            env=self.env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+            if interruptible
+            else None,
+        )
+
     def env(self, extra: dict[str, str] | None = None) -> dict[str, str]:
         env = {**os.environ, "PYTHONPATH": str(self.root), **(extra or {})}
         env.pop("CASERN_APP", None)
@@ -523,14 +541,7 @@ def test_json_is_indented_on_a_terminal(cli_app: CLIApp) -> None:
 
 def test_worker_fires_timers_and_stops_cleanly_on_sigterm(cli_app: CLIApp) -> None:
     cli_app.run("send", "arm", "w1", json.dumps({"at": time.time() + 0.5}))
-    proc = subprocess.Popen(
-        [casern_script(), "--app", cli_app.ref, "--store", cli_app.store, "worker"],
-        cwd=cli_app.root,
-        env=cli_app.env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = cli_app.start("worker")
     try:
         deadline = time.monotonic() + 30
         state: dict[str, Any] = {}
@@ -558,14 +569,7 @@ def test_worker_logs_listeners_and_says_what_it_waits_for_when_stopped(
 ) -> None:
     cli_app.run("send", "arm", "w1", json.dumps({"at": time.time() + 0.5}))
     (cli_app.root / "slow.flag").touch()  # the timer's listener runs 2 s in the worker
-    proc = subprocess.Popen(
-        [casern_script(), "--app", cli_app.ref, "--store", cli_app.store, "worker"],
-        cwd=cli_app.root,
-        env=cli_app.env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = cli_app.start("worker")
     try:
         deadline = time.monotonic() + 30
         state: dict[str, Any] = {}
@@ -592,16 +596,7 @@ def test_a_second_ctrl_c_leaves_the_listeners_under_way_and_exits_at_once(
 ) -> None:
     cli_app.run("send", "arm", "w1", json.dumps({"at": time.time() + 0.5}))
     (cli_app.root / "slow.flag").write_text("4")  # the timer's listener runs 4 s
-    proc = subprocess.Popen(
-        [casern_script(), "--app", cli_app.ref, "--store", cli_app.store, "worker"],
-        cwd=cli_app.root,
-        env=cli_app.env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        # Ctrl-C as at a terminal, even when the test runner was started with SIGINT ignored.
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-    )
+    proc = cli_app.start("worker", interruptible=True)
     try:
         deadline = time.monotonic() + 30
         reader = opened()
@@ -629,15 +624,7 @@ def test_a_second_ctrl_c_leaves_the_listeners_under_way_and_exits_at_once(
 
 def test_ctrl_c_while_send_waits_for_its_listeners_exits_at_once(cli_app: CLIApp) -> None:
     (cli_app.root / "slow.flag").write_text("4")  # the listener runs 4 s
-    proc = subprocess.Popen(
-        [casern_script(), "--app", cli_app.ref, "--store", cli_app.store, "send", "inc", "s1"],
-        cwd=cli_app.root,
-        env=cli_app.env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-    )
+    proc = cli_app.start("send", "inc", "s1", interruptible=True)
     try:
         assert proc.stdout is not None
         assert json.loads(proc.stdout.readline()) == {"n": 1}  # committed; listener running
