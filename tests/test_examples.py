@@ -20,7 +20,7 @@ from click.testing import CliRunner
 
 import casern
 from _couch import free_port
-from _process import running
+from _process import output, running
 from casern import _demo
 from casern._cli import cli
 
@@ -166,9 +166,8 @@ def test_fastapi_app_serves_conversations_and_runs_timers(store_url: str) -> Non
 def stop(proc: subprocess.Popen[str]) -> str:
     """SIGINT, as Ctrl-C would; the process must exit cleanly. Returns its stderr."""
     proc.send_signal(signal.SIGINT)
-    assert proc.wait(30) == 0
-    assert proc.stderr is not None
-    err = proc.stderr.read()
+    assert proc.wait(30) == 0, output(proc)
+    err = output(proc)
     assert "Traceback" not in err, err
     return err
 

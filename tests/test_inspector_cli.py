@@ -20,7 +20,7 @@ import pytest
 
 import casern
 from _couch import free_port
-from _process import running
+from _process import output, running
 
 APP = """
 import casern
@@ -75,9 +75,8 @@ def test_casern_inspect_serves_pages_and_api_and_stops_on_sigint(
         assert rebinding.status_code == 403 and "--token" in rebinding.text
         assert httpx.get(base + "/", headers={"host": "localhost"}).status_code == 200
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(20) == 0
-        assert proc.stderr is not None
-        err = proc.stderr.read()
+        assert proc.wait(20) == 0, output(proc)
+        err = output(proc)
         assert "casern inspector for" in err and "Traceback" not in err
         password = httpx.URL(store_url).password
         assert not password or password not in err
@@ -158,8 +157,7 @@ def test_casern_inspect_log_level_configures_the_root_logger(
     with inspector(tmp_path, "loggingapp:make_app", store, *args) as (base, proc):
         assert httpx.get(base + "/api/machines").json() == {"ids": []}
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(20) == 0
-        assert proc.stderr is not None
-        err = proc.stderr.read()
+        assert proc.wait(20) == 0, output(proc)
+        err = output(proc)
     shown = "myapp INFO: app made for the inspector" in err, "casern.mine INFO" in err
     assert shown == ((True, True) if level else (False, False)), err  # WARNING by default
