@@ -67,6 +67,8 @@ class Write:
     transaction, other stores ignore them (the engine relays them later).
     `drop` names sibling revisions (see `Record.conflicts`) to delete in the same
     request once `doc` holds what they held; one that changed meanwhile stays.
+    `state_json`, if not empty, is `doc["state"]` as canonical JSON text, which a
+    store may use instead of encoding the state again.
     """
 
     id: str
@@ -74,6 +76,7 @@ class Write:
     doc: Doc
     history: Sequence[Doc] = field(default=())
     drop: tuple[str, ...] = ()
+    state_json: str = ""
 
 
 class Store(ABC):
