@@ -519,7 +519,9 @@ class Engine:
         if not plans:
             return
         plans = [p for p in plans if self._flush_log(p)]
-        writes = [Write(p.id, p.rev, p.doc or {}, p.history, p.drop, p.state_json) for p in plans]
+        writes = [
+            Write(p.id, p.rev, p.doc or {}, p.history, p.drop, p.state_json, p.base) for p in plans
+        ]
         started = time.perf_counter()
         try:
             revs = self.store.put_many(writes) if writes else []

@@ -68,7 +68,9 @@ class Write:
     `drop` names sibling revisions (see `Record.conflicts`) to delete in the same
     request once `doc` holds what they held; one that changed meanwhile stays.
     `state_json`, if not empty, is `doc["state"]` as canonical JSON text, which a
-    store may use instead of encoding the state again.
+    store may use instead of encoding the state again. `base`, if given, is the
+    document of revision `rev`: a store may leave alone what did not change
+    (SQLite: the indexed columns).
     """
 
     id: str
@@ -77,6 +79,7 @@ class Write:
     history: Sequence[Doc] = field(default=())
     drop: tuple[str, ...] = ()
     state_json: str = ""
+    base: Doc | None = None
 
 
 class Store(ABC):

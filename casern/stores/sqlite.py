@@ -9,6 +9,7 @@ file: writes take the lock with `BEGIN IMMEDIATE` and wait on a busy timeout.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -61,11 +62,15 @@ _INSERT = (
     "INSERT OR IGNORE INTO machines (id, rev, doc, next_due, pending_since, nfailed)"
     " VALUES (?, 1, ?, ?, ?, ?)"
 )
-_UPDATE = (
-    "UPDATE machines SET rev = ?, doc = ?, next_due = ?, pending_since = ?, nfailed = ?"
-    " WHERE id = ? AND rev = ?"
-)
+_INDEXED = ("next_due", "pending_since", "nfailed")  # in the order of `index_fields`
 _INSERT_HISTORY = "INSERT OR IGNORE INTO history (id, seq, entry) VALUES (?, ?, ?)"
+
+
+@functools.cache
+def _update(changed: tuple[bool, ...]) -> str:
+    """The UPDATE of a row that sets the indexed columns marked `changed` (8 variants)."""
+    sets = "".join(f", {name} = ?" for name, c in zip(_INDEXED, changed, strict=True) if c)
+    return f"UPDATE machines SET rev = ?, doc = ?{sets} WHERE id = ? AND rev = ?"
 
 
 class SQLiteStore(Store):
@@ -235,14 +240,21 @@ class SQLiteStore(Store):
             except CasernError as e:
                 results[i] = e
                 continue
-            next_due, pending_since, nfailed = index_fields(w.doc)
+            fields = index_fields(w.doc)
             if w.rev is None:
-                args: tuple[Any, ...] = (w.id, doc, next_due, pending_since, nfailed)
+                args: tuple[Any, ...] = (w.id, doc, *fields)
                 rows.append((i, _INSERT, args, "1", history))
+                continue
+            # Only the indexed columns whose values change are set: setting one,
+            # even to its old value, rewrites its index entry (measured: +10 µs
+            # a send while an outbox entry is pending).
+            if w.base is None:
+                changed: tuple[bool, ...] = (True, True, True)
             else:
-                rev = int(w.rev)
-                args = (rev + 1, doc, next_due, pending_since, nfailed, w.id, rev)
-                rows.append((i, _UPDATE, args, str(rev + 1), history))
+                changed = tuple(n != o for n, o in zip(fields, index_fields(w.base), strict=True))
+            rev = int(w.rev)
+            args = (rev + 1, doc, *(f for f, c in zip(fields, changed, strict=True) if c))
+            rows.append((i, _update(changed), (*args, w.id, rev), str(rev + 1), history))
         if not rows:
             return results
 
