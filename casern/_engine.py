@@ -345,8 +345,14 @@ class Engine:
                 return
 
     def _lead(self, own: Action | None) -> None:
-        """Write batches until nothing is left (or, for a sender, its own action is done)."""
+        """Write batches until nothing is left (or, for a sender, its own action is done).
+
+        A sender whose action is done writes one more batch if others queued
+        meanwhile: they are waiting, and waking the committer thread for them
+        costs a thread switch. One, not more: its own caller waits too.
+        """
         self._here.leading = True
+        extra = 1
         try:
             while True:
                 batch, flushes = self._take()
@@ -364,7 +370,9 @@ class Engine:
                 if not (batch or flushes):
                     return
                 if own is not None and own.future.done():
-                    return
+                    if extra == 0 or not self._queue:
+                        return
+                    extra -= 1
         finally:
             self._here.leading = False
             with self._lock:
