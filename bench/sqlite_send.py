@@ -53,8 +53,9 @@ import casern
 
 WARMUP = 50
 
-#: (seconds, envelope writes per send, store transactions per send)
-Result = tuple[float, float, float]
+#: (seconds, envelope writes per send, store transactions per send, CPU µs per send: every
+#: thread of the process, `time.process_time`, steadier than rates on a shared machine)
+Result = tuple[float, float, float, float]
 
 
 def count_transactions(app: casern.Casern) -> list[int]:
@@ -228,9 +229,9 @@ class Bench:
 
     def raw(self, ids: list[str], history: bool = False) -> Result:
         path = self.fresh("raw")
-        start = now()
+        start, cpu = now(), time.process_time()
         raw_sequential(path, ids, self.reducer, history)
-        return now() - start, 1.0, 1.0
+        return now() - start, 1.0, 1.0, (time.process_time() - cpu) / len(ids) * 1e6
 
     def casern(self, ids: list[str], *, history: bool = True, listener: bool = False) -> Result:
         """Seconds (until drain if a listener), envelope writes and transactions per send."""
@@ -239,17 +240,17 @@ class Bench:
         ) as app:
             transactions = count_transactions(app)
             writes0 = app._engine.writes
-            start = now()
+            start, cpu = now(), time.process_time()
             casern_sequential(app, ids)
             if listener:
                 app.drain()
-            secs = now() - start
+            secs, cpu = now() - start, time.process_time() - cpu
             # Deferred acknowledgements land after a quiet `ack_delay`: count them too.
             app.drain()
             app._engine.stop()
             writes = (app._engine.writes - writes0) / len(ids)
             self._check(app, ids)
-        return secs, writes, transactions[0] / len(ids)
+        return secs, writes, transactions[0] / len(ids), cpu / len(ids) * 1e6
 
     def _check(self, app: casern.Casern, ids: list[str]) -> None:
         """Honesty: every send landed (the counters add up to the number of sends)."""
@@ -259,20 +260,21 @@ class Bench:
 
     def raw_threads(self, per_thread: list[list[str]], shared: bool) -> Result:
         path = self.fresh("rawt")
-        start = now()
+        start, cpu = now(), time.process_time()
         raw_threads(path, per_thread, self.reducer, shared)
-        return now() - start, 1.0, 1.0
+        n = sum(len(ids) for ids in per_thread)
+        return now() - start, 1.0, 1.0, (time.process_time() - cpu) / n * 1e6
 
     def casern_threads(self, per_thread: list[list[str]]) -> Result:
         with make_app(self.fresh("casernt"), self.reducer) as app:
             transactions = count_transactions(app)
-            writes0, start = app._engine.writes, now()
+            writes0, start, cpu = app._engine.writes, now(), time.process_time()
             casern_threads(app, per_thread)
-            secs = now() - start
+            secs, cpu = now() - start, time.process_time() - cpu
             ids = [id for ids in per_thread for id in ids]
             writes = (app._engine.writes - writes0) / len(ids)
             self._check(app, ids)
-        return secs, writes, transactions[0] / len(ids)
+        return secs, writes, transactions[0] / len(ids), cpu / len(ids) * 1e6
 
 
 def breakdown(args: argparse.Namespace, base: Path) -> None:
@@ -517,9 +519,10 @@ def main() -> None:
             secs: float,
             writes: float | str = "-",
             transactions: float | str = "-",
+            cpu: float | str = "-",
         ) -> float:
             raw_rate, rate = n / raw_s, n / secs
-            rows.append([case, what, n, raw_rate, rate, rate / raw_rate, writes, transactions])
+            rows.append([case, what, n, raw_rate, rate, rate / raw_rate, writes, transactions, cpu])
             return rate / raw_rate
 
         if "hot" not in skip:
@@ -547,7 +550,7 @@ def main() -> None:
                 add(f"many: {args.ids:,} ids", len(ids), r["raw"][0], "casern", *r["casern"])
             )
             add("", len(ids), r["raw"][0], "casern history=False", *r["nohist"])
-            add("", len(ids), r["raw"][0], "raw + a history row", r["rawh"][0], 1.0, 1.0)
+            add("", len(ids), r["raw"][0], "raw + a history row", *r["rawh"])
             like_ratio = add(
                 "", len(ids), r["rawh"][0], "casern vs raw + history row", *r["casern"]
             )
@@ -568,7 +571,7 @@ def main() -> None:
             thr_ratio = add(
                 f"threads: {args.threads}", n, r["raw"][0], "casern (group commit)", *r["casern"]
             )
-            add("", n, r["raw"][0], "raw, 1 shared conn + lock", r["shared"][0], 1.0, 1.0)
+            add("", n, r["raw"][0], "raw, 1 shared conn + lock", *r["shared"])
         if "listener" not in skip:
             ids = [f"m{i % args.ids:06d}" for i in range(args.sends)]
             r = bench.interleaved(
@@ -598,6 +601,7 @@ def main() -> None:
                 "vs raw",
                 "writes/send",
                 "txn/send",
+                "cpu µs/send",
             ],
             rows,
             title=f"throughput (best of {args.repeat};"
@@ -607,7 +611,8 @@ def main() -> None:
             "\nraw: BEGIN IMMEDIATE; SELECT; reduce; UPDATE|INSERT; COMMIT per send."
             " casern default also writes one history row per change in the same transaction."
             "\nwrites/send: envelope writes that landed (incl. outbox acks);"
-            " txn/send: store transactions (put_many calls) per send, < 1 means group commit."
+            " txn/send: store transactions (put_many calls) per send, < 1 means group commit;"
+            " cpu: all threads."
         )
         if "threads" not in skip:
             print(ratio_line(f"threads({args.threads}) send/raw", thr_ratio, ">= 0.6x"))
