@@ -134,12 +134,8 @@ class CLIApp:
             timeout=timeout,
         )
 
-    def start(self, *args: str, interruptible: bool = False) -> subprocess.Popen[str]:
-        """Start the console script on this app in the background (stdout/stderr piped).
-
-        `interruptible`: Ctrl-C acts as at a terminal, even when the test runner was
-        started with SIGINT ignored.
-        """
+    def start(self, *args: str) -> subprocess.Popen[str]:
+        """Start the console script on this app in the background (stdout/stderr piped)."""
         return subprocess.Popen(
             [casern_script(), "--app", self.ref, "--store", self.store, *args],
             cwd=self.root,
@@ -147,9 +143,6 @@ class CLIApp:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
-            preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-            if interruptible
-            else None,
         )
 
     def env(self, extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -596,7 +589,7 @@ def test_a_second_ctrl_c_leaves_the_listeners_under_way_and_exits_at_once(
 ) -> None:
     cli_app.run("send", "arm", "w1", json.dumps({"at": time.time() + 0.5}))
     (cli_app.root / "slow.flag").write_text("4")  # the timer's listener runs 4 s
-    proc = cli_app.start("worker", interruptible=True)
+    proc = cli_app.start("worker")
     try:
         deadline = time.monotonic() + 30
         reader = opened()
@@ -624,7 +617,7 @@ def test_a_second_ctrl_c_leaves_the_listeners_under_way_and_exits_at_once(
 
 def test_ctrl_c_while_send_waits_for_its_listeners_exits_at_once(cli_app: CLIApp) -> None:
     (cli_app.root / "slow.flag").write_text("4")  # the listener runs 4 s
-    proc = cli_app.start("send", "inc", "s1", interruptible=True)
+    proc = cli_app.start("send", "inc", "s1")
     try:
         assert proc.stdout is not None
         assert json.loads(proc.stdout.readline()) == {"n": 1}  # committed; listener running
