@@ -20,6 +20,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -134,16 +135,23 @@ class CLIApp:
             timeout=timeout,
         )
 
-    def start(self, *args: str) -> subprocess.Popen[str]:
-        """Start the console script on this app in the background (stdout/stderr piped)."""
-        return subprocess.Popen(
+    @contextmanager
+    def start(self, *args: str) -> Iterator[subprocess.Popen[str]]:
+        """The console script on this app, running in the background (stdout/stderr piped,
+        for the test to read while it runs); killed on the way out if still running."""
+        with subprocess.Popen(
             [casern_script(), "--app", self.ref, "--store", self.store, *args],
             cwd=self.root,
             env=self.env(),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
-        )
+        ) as proc:  # closes the pipes and waits
+            try:
+                yield proc
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
 
     def env(self, extra: dict[str, str] | None = None) -> dict[str, str]:
         env = {**os.environ, "PYTHONPATH": str(self.root), **(extra or {})}
@@ -534,8 +542,7 @@ def test_json_is_indented_on_a_terminal(cli_app: CLIApp) -> None:
 
 def test_worker_fires_timers_and_stops_cleanly_on_sigterm(cli_app: CLIApp) -> None:
     cli_app.run("send", "arm", "w1", json.dumps({"at": time.time() + 0.5}))
-    proc = cli_app.start("worker")
-    try:
+    with cli_app.start("worker") as proc:
         deadline = time.monotonic() + 30
         state: dict[str, Any] = {}
         while time.monotonic() < deadline and "woke_at" not in state:
@@ -545,10 +552,6 @@ def test_worker_fires_timers_and_stops_cleanly_on_sigterm(cli_app: CLIApp) -> No
         assert state["woke_at"] >= state["wake_at"]  # never before its due time
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert proc.returncode == 0, err
     assert "Traceback" not in err
     assert "worker started on" in err
@@ -562,8 +565,7 @@ def test_worker_logs_listeners_and_says_what_it_waits_for_when_stopped(
 ) -> None:
     cli_app.run("send", "arm", "w1", json.dumps({"at": time.time() + 0.5}))
     (cli_app.root / "slow.flag").touch()  # the timer's listener runs 2 s in the worker
-    proc = cli_app.start("worker")
-    try:
+    with cli_app.start("worker") as proc:
         deadline = time.monotonic() + 30
         state: dict[str, Any] = {}
         reader = opened()
@@ -572,10 +574,6 @@ def test_worker_logs_listeners_and_says_what_it_waits_for_when_stopped(
             state = reader.get("w1") or {}
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert proc.returncode == 0, err
     assert "waiting up to 10s for the listeners of 1 change(s) under way" in err
     assert "cliapp INFO: recorded w1 2" in err  # the listener's own log, through the root
@@ -589,8 +587,7 @@ def test_a_second_ctrl_c_leaves_the_listeners_under_way_and_exits_at_once(
 ) -> None:
     cli_app.run("send", "arm", "w1", json.dumps({"at": time.time() + 0.5}))
     (cli_app.root / "slow.flag").write_text("4")  # the timer's listener runs 4 s
-    proc = cli_app.start("worker")
-    try:
+    with cli_app.start("worker") as proc:
         deadline = time.monotonic() + 30
         reader = opened()
         while time.monotonic() < deadline and not reader.inspect("w1")["pending"]:  # type: ignore[index]
@@ -601,10 +598,6 @@ def test_a_second_ctrl_c_leaves_the_listeners_under_way_and_exits_at_once(
                 break
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert proc.returncode == 0, err
     assert "left the listeners still under way in the outbox for the next worker" in err
     assert err.strip().splitlines()[-1].endswith("worker stopped")
@@ -617,16 +610,11 @@ def test_a_second_ctrl_c_leaves_the_listeners_under_way_and_exits_at_once(
 
 def test_ctrl_c_while_send_waits_for_its_listeners_exits_at_once(cli_app: CLIApp) -> None:
     (cli_app.root / "slow.flag").write_text("4")  # the listener runs 4 s
-    proc = cli_app.start("send", "inc", "s1")
-    try:
+    with cli_app.start("send", "inc", "s1") as proc:
         assert proc.stdout is not None
         assert json.loads(proc.stdout.readline()) == {"n": 1}  # committed; listener running
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert proc.returncode != 0 and "Traceback" not in err, err
     # Before, close() then waited up to 10 s more, and the listener finished.
     assert cli_app.listened() == []
