@@ -17,7 +17,7 @@ from concurrent.futures import Future
 from typing import Any
 
 from casern import _telemetry
-from casern._engine import SEND, Action
+from casern._actions import SEND, Action
 
 MODES = ("stubbed", "api", "sdk")
 

@@ -246,7 +246,7 @@ def breakdown(args: argparse.Namespace, base: Path) -> None:
     committer's work inline, in the caller's thread, to separate the engine's
     own CPU from the thread hand-off.
     """
-    from casern._engine import SEND, Action
+    from casern._actions import SEND, Action
     from casern.stores.base import Write
 
     reducer = make_reducer(args.pad)

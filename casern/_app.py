@@ -33,20 +33,10 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.schedulers.base import BaseScheduler
 
 from . import _aio, _telemetry
+from ._actions import CLAIM, FIRE, MIGRATE, RETRY, SEND, Action, Delivery, encode_data
 from ._backoff import Backoff
 from ._delivery import Dispatcher
-from ._engine import (
-    CLAIM,
-    FIRE,
-    MIGRATE,
-    RETRY,
-    SEND,
-    Action,
-    Delivery,
-    Engine,
-    encode_data,
-    freeze,
-)
+from ._engine import Engine, freeze
 from ._errors import (
     CasernError,
     InvalidData,
@@ -254,7 +244,7 @@ class Casern:
             )
         if key is not None and not encodable(key):
             raise InvalidData(f"key {key!r:.60} holds a lone surrogate, which is not Unicode text")
-        data_json = encode_data(reducer, data)
+        data_json, parsed = encode_data(reducer, data)
         validator = self._validators.get(reducer)
         if validator is not None:
             error = jsonschema.exceptions.best_match(validator.iter_errors(json.loads(data_json)))
@@ -262,7 +252,7 @@ class Casern:
                 raise InvalidData(
                     f"data for {reducer!r} is invalid at {error.json_path}: {error.message}"
                 )
-        return Action(SEND, id, Future(), reducer, data_json, key)
+        return Action(SEND, id, Future(), reducer, data_json, key, data=parsed)
 
     def _unknown_reducer(self, reducer: str) -> str:
         known = ", ".join(sorted(self.reducers)) or "none"

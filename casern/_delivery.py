@@ -30,9 +30,10 @@ from datetime import datetime
 from typing import Any
 
 from . import _telemetry
+from ._actions import Delivery
 from ._backoff import Backoff
 from ._change import Change
-from ._engine import Delivery, Engine
+from ._engine import Engine
 from ._errors import CasernError
 from ._json import dumps
 from ._loopwatch import LoopWatch

@@ -11,51 +11,39 @@ write is re-read and its reducers re-run, so no update is ever lost.
 from __future__ import annotations
 
 import heapq
-import json
 import logging
 import math
 import random
-import secrets
 import threading
 import time
 import types
 import uuid
 from collections import OrderedDict, deque
-from collections.abc import Callable, Mapping, Sequence, Set
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
-from . import _merge, _telemetry
-from ._errors import (
-    CasernError,
-    ConflictError,
-    InvalidData,
-    InvalidState,
-    ReducerError,
-    UpgradeError,
+from . import _fold, _merge, _telemetry
+from ._actions import (
+    ACK,
+    CHECK,
+    FIRE,
+    FLUSH,
+    SEND,
+    Action,
+    Delivery,
 )
-from ._json import Refusal, dumps, encodable, to_json
-from ._outbox import pack, unpack
+from ._errors import CasernError, ConflictError
+from ._fold import Fold, Plan, Rules
+from ._json import dumps
 from ._types import Reducer, Timer, Upgrade
 from .stores.base import Doc, Record, Store, Write
 
+__all__ = ["Engine", "freeze"]
+
 log = logging.getLogger("casern")
 
-SEND, FIRE, ACK, RETRY, MIGRATE, FLUSH = "send", "fire", "ack", "retry", "migrate", "flush"
-CLAIM = "claim"
-CHECK = "check"  # re-read an id that may have forked: merge, or hand over held changes
 MAX_BATCH = 500
-YEAR_5000 = datetime(5000, 1, 1, tzinfo=UTC).timestamp()  # due times beyond: milliseconds
-
-
-def encode_data(reducer: str, data: Any) -> str:
-    """`data` as JSON text for `reducer`, or the `InvalidData` that says why casern refuses it."""
-    try:
-        return to_json(data)[0]
-    except Refusal as e:
-        raise InvalidData(f"data for {reducer!r} {e}") from None
 
 
 def freeze(value: Any) -> Any:
@@ -67,102 +55,10 @@ def freeze(value: Any) -> Any:
     return value
 
 
-def same(a: Any, b: Any) -> bool:
-    """JSON equality: like ==, but true is not 1 (1 and 1.0 are one JSON number)."""
-    if type(a) is not type(b):
-        numbers = (int, float)
-        return (
-            isinstance(a, numbers)
-            and isinstance(b, numbers)
-            and not isinstance(a, bool)
-            and not isinstance(b, bool)
-            and a == b
-        )
-    if isinstance(a, dict):
-        return a.keys() == b.keys() and all(same(v, b[k]) for k, v in a.items())
-    if isinstance(a, list):
-        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
-    return bool(a == b)
-
-
-def now_iso(at: float) -> str:
-    return datetime.fromtimestamp(at, UTC).isoformat()
-
-
 # Nobody waits for an acknowledgement: its actions share one future, already
 # resolved, instead of building one (a lock and a condition) per ack.
 _ANSWERED: Future[Any] = Future()
 _ANSWERED.set_result(None)
-
-
-@dataclass(slots=True, eq=False)
-class Action:
-    """One unit of work for the committer; `future` resolves when it is durable."""
-
-    kind: str
-    id: str
-    future: Future[Any]
-    reducer: str = ""
-    data_json: str = "null"
-    key: str | None = None
-    seqs: frozenset[int] = frozenset()  # ACK: pending entries delivered; CLAIM: to redeliver
-    failed: list[Doc] = field(default_factory=list)  # ACK: deliveries that gave up
-    attempts: int = 0
-    now: float | None = None  # FIRE: fire what is due by then (never later than the clock)
-    trace: _telemetry.Send | None = None  # spans and metrics, reported when answered
-    uid: str = ""  # SEND on a store that may fork: journaled, applied once (see _merge.py)
-
-
-@dataclass(slots=True)
-class Delivery:
-    """A committed change handed to the dispatcher: its pending entry and both states."""
-
-    id: str
-    entry: Doc  # seq, reducer, data, key, applied_at, at, version, prev, state[, listeners]
-
-
-@dataclass(slots=True)
-class _Plan:
-    id: str
-    rev: str | None
-    doc: Doc | None  # None: nothing to write
-    actions: list[Action]
-    results: list[tuple[Action, Any]]  # resolved after the write lands
-    history: list[Doc] = field(default_factory=list)
-    flush_log: list[Doc] = field(default_factory=list)  # committed history to move out first
-    state_json: str = ""  # the JSON of doc["state"]
-    deliveries: list[Delivery] = field(default_factory=list)
-    acked: set[int] = field(default_factory=set)
-    drop: tuple[str, ...] = ()  # sibling revisions this write merges (deleted with it)
-
-
-def _normalize(value: Any) -> tuple[str, dict[str, Any]]:
-    """Return (json, parsed copy) of a reducer's result, or raise InvalidState."""
-    if not isinstance(value, dict):
-        raise InvalidState(
-            f"a reducer must return a dict (a JSON object), not {type(value).__name__};"
-            " return the new state, even if unchanged"
-        )
-    try:
-        text, parsed = to_json(value)
-    except Refusal as e:
-        raise InvalidState(f"the new state {e}") from None
-    return text, parsed
-
-
-def _storable(failure: Doc) -> Doc:
-    """A failure record whose error text can be stored (an exception message may hold anything)."""
-    error = failure.get("error")
-    if isinstance(error, str) and not encodable(error):
-        return dict(failure, error=error.encode("utf-8", "backslashreplace").decode())
-    return failure
-
-
-def _state_too_large(reducer: str, size: int, limit: int) -> InvalidState:
-    return InvalidState(
-        f"reducer {reducer!r}: the new state is {size:,} bytes of JSON, over this store's"
-        f" document limit of {limit:,} bytes; keep big data elsewhere and store a reference"
-    )
 
 
 class _LRU:
@@ -218,29 +114,34 @@ class Engine:
         redeliver_after: float | None = None,
     ) -> None:
         self.store = store
-        self.preferences = preferences
-        self.reducers = reducers
-        self.timers = timers
-        self.outbox = outbox  # write pending entries for listeners
-        self.history = history
-        # A store without atomic history keeps the newest entries in the envelope
-        # (`log`) and moves them out in chunks: one extra write per chunk, not per send.
-        self.log_chunk = 0 if store.atomic_history else log_chunk
-        self.state_version = state_version
-        self.upgrade = upgrade
         self.on_commit = on_commit
         self.on_acked = on_acked
-        self.keep_keys = keep_keys
         self.max_conflicts = max_conflicts
         self.ack_delay = ack_delay
         # Well within `redeliver_after`, so that other processes never see a
         # delivered change as stale for want of its acknowledgement.
         self.ack_patience = max(ack_delay, min(2.0, (redeliver_after or 0.0) / 4))
-        self.redeliver_after = redeliver_after
         # Redelivering a stale change first writes a claim into its entry (revision-
         # checked): other live processes leave it alone for `redeliver_after`, the
         # grace a fresh commit gets, so two sweeps do not both run one change.
         self.token = uuid.uuid4().hex
+        self.rules = Rules(
+            preferences=preferences,
+            reducers=reducers,
+            timers=timers,
+            state_version=state_version,
+            upgrade=upgrade,
+            history=history,
+            outbox=outbox,
+            journal=store.may_fork,
+            # A store without atomic history keeps the newest entries in the envelope
+            # (`log`) and moves them out in chunks: one extra write per chunk, not per send.
+            log_chunk=0 if store.atomic_history else log_chunk,
+            keep_keys=keep_keys,
+            redeliver_after=redeliver_after,
+            token=self.token,
+            limit=store.max_document_size,
+        )
         self.cache = _LRU(cache_size)
         # A store that may fork journals every applied action (`ops`), and changes
         # reach listeners only once their revision is confirmed; until then they
@@ -572,7 +473,7 @@ class Engine:
         except CasernError as e:
             self._fail(batch, e)
             return
-        plans: list[_Plan] = []
+        plans: list[Plan] = []
         released: list[Delivery] = []
         for id, actions in groups.items():
             hit = cached.get(id)
@@ -617,7 +518,7 @@ class Engine:
                 self._fail(p.actions, e)
             return
         _telemetry.commit_duration(time.perf_counter() - started)
-        landed: list[_Plan] = []
+        landed: list[Plan] = []
         landed_revs: dict[str, str] = {}
         for plan, rev in zip(plans, revs, strict=True):
             if isinstance(rev, CasernError):  # the store refused this one document
@@ -652,7 +553,7 @@ class Engine:
             except Exception:  # committed all the same: the outbox keeps the changes
                 log.exception("handing committed changes to the listeners failed")
 
-    def _confirm(self, landed: list[_Plan], revs: Mapping[str, str]) -> None:
+    def _confirm(self, landed: list[Plan], revs: Mapping[str, str]) -> None:
         """Hold back the changes of writes that may still fork; check those again later.
 
         Listeners key their effects on `(id, seq)`: a change is handed over only
@@ -675,7 +576,7 @@ class Engine:
                 plan.deliveries = []
                 self._check_later(plan.id)
 
-    def _merge(self, id: str, leaves: list[Record], actions: list[Action]) -> _Plan:
+    def _merge(self, id: str, leaves: list[Record], actions: list[Action]) -> Plan:
         """Fold the sibling revisions of `id` into one write (see `_merge.py`), then `actions`."""
         base = _merge.choose_base(leaves)
         others = [leaf for leaf in leaves if leaf is not base]
@@ -691,7 +592,7 @@ class Engine:
         plan.drop = tuple(leaf.rev for leaf in others)
         return plan
 
-    def _flush_log(self, plan: _Plan) -> bool:
+    def _flush_log(self, plan: Plan) -> bool:
         """Write the committed entries the envelope is about to drop; False if that failed.
 
         Written before the envelope: if that write then conflicts, rewriting
@@ -727,7 +628,7 @@ class Engine:
             self.ack(a.id, seq, a.failed if seq == last else ())
 
     @staticmethod
-    def _resolve(plan: _Plan) -> None:
+    def _resolve(plan: Plan) -> None:
         for action, result in plan.results:
             if action.future.done():
                 continue
@@ -736,38 +637,11 @@ class Engine:
             else:
                 action.future.set_result(result)
 
-    # -- folding actions into one envelope ----------------------------------------------
+    # -- folding actions into one envelope (see _fold.py) ------------------------------
 
     def load_state(self, doc: Doc) -> dict[str, Any]:
         """The envelope's state in this code's `state_version` (upgraded in memory)."""
-        state: dict[str, Any] = doc.get("state", {})
-        version = int(doc.get("version", self.state_version))
-        if version == self.state_version:
-            return state
-        if version > self.state_version:
-            raise UpgradeError(
-                f"the stored state was written by state_version={version}, newer than this"
-                f" code's state_version={self.state_version}; deploy the newer code"
-            )
-        if self.upgrade is None:
-            raise UpgradeError(
-                f"the stored state has state_version={version} but this code expects"
-                f" {self.state_version}; pass upgrade=fn(preferences, old_version, state)"
-            )
-        try:
-            upgraded = self.upgrade(self.preferences, version, json.loads(dumps(state)))
-        except Exception as e:
-            raise UpgradeError(
-                f"upgrade from state_version={version} to {self.state_version} failed: {e!r}"
-            ) from e
-        try:
-            _, parsed = _normalize(upgraded)
-        except InvalidState as e:
-            raise UpgradeError(
-                f"upgrade(preferences, {version}, state) must return the upgraded state"
-                f" as a dict (a JSON object): {str(e).replace('a reducer', 'it')}"
-            ) from None
-        return parsed
+        return _fold.load_state(self.rules, doc)
 
     def _fold(
         self,
@@ -777,285 +651,5 @@ class Engine:
         state_json: str | None = None,
         *,
         force: bool = False,
-    ) -> _Plan:
-        """Apply `actions` in order to one envelope; return what to write and to answer.
-
-        `force`: write even if nothing changed (a merge must delete its siblings).
-        """
-        doc: Doc = dict(rec.doc) if rec else {"state": {}, "seq": 0, "version": self.state_version}
-        plan = _Plan(id, rec.rev if rec else None, None, actions, [])
-        try:
-            state = self.load_state(doc)
-            upgrade_error: UpgradeError | None = None
-        except UpgradeError as e:
-            state, upgrade_error = doc.get("state", {}), e
-        upgraded = upgrade_error is None and doc.get("version") != self.state_version
-        if state_json is None or upgrade_error is not None or upgraded:
-            state_json = dumps(state)
-        cur_json = state_json
-        seq = int(doc.get("seq", 0))
-        keys: list[str] = list(doc.get("keys", ()))
-        due: dict[str, float] = dict(doc.get("due", {}))
-        fired: dict[str, float] = dict(doc.get("fired", {}))
-        pending: list[Doc] = unpack(doc)
-        log_: list[Doc] = list(doc.get("log", ()))
-        if self.log_chunk and len(log_) >= self.log_chunk:
-            plan.flush_log, log_ = log_, []
-        failed: list[Doc] = list(doc.get("failed", ()))
-        ops: list[Doc] = list(doc.get("ops", ()))
-        uids = {op["u"] for op in ops}
-        changed = False  # the state changed: new seq(s)
-        meta = False  # something else in the envelope changed
-
-        limit = self.store.max_document_size
-
-        def step(
-            name: str,
-            data_json: str,
-            key: str | None,
-            a: Action,
-            now: float,
-            fire: float | None = None,
-        ) -> None:
-            nonlocal state, cur_json, seq, changed
-            try:
-                new = self.reducers[name](
-                    self.preferences, json.loads(cur_json), json.loads(data_json)
-                )
-            except Exception as e:
-                err = ReducerError(f"reducer {name!r} raised {type(e).__name__}: {e}")
-                err.__cause__ = e
-                plan.results.append((a, err))
-                return
-            try:
-                new_json, new_state = _normalize(new)
-            except InvalidState as e:
-                plan.results.append((a, InvalidState(f"reducer {name!r}: {e}")))
-                return
-            if limit is not None and len(new_json) * 4 > limit and len(new_json.encode()) > limit:
-                plan.results.append((a, _state_too_large(name, len(new_json.encode()), limit)))
-                return
-            if new_json == cur_json or (new_state == state and same(new_state, state)):
-                plan.results.append((a, cur_json))
-                return
-            seq += 1
-            changed = True
-            _telemetry.committed(a, seq)
-            record = {
-                "seq": seq,
-                "reducer": name,
-                "data": json.loads(data_json),
-                "key": key,
-                "applied_at": now_iso(now),
-                "version": self.state_version,
-            }
-            if self.history:
-                (log_ if self.log_chunk else plan.history).append(record)
-            uid = ""
-            if self.journal:
-                uid = a.uid if fire is None else secrets.token_hex(8)
-                op = {"u": uid, "seq": seq, "reducer": name, "data": record["data"], "key": key}
-                if fire is not None:
-                    op["fire"] = fire
-                ops.append(op)
-                uids.add(uid)
-            if self.outbox:
-                entry = dict(record, at=now, prev=json.loads(cur_json), state=json.loads(new_json))
-                _telemetry.stamp(a, entry)
-                if uid:
-                    entry["u"] = uid
-                pending.append(entry)
-                plan.deliveries.append(Delivery(id, entry))
-            if key is not None:
-                keys.append(key)
-            state, cur_json = new_state, new_json
-            plan.results.append((a, cur_json))
-
-        for a in actions:
-            now = time.time()
-            if a.kind in (SEND, FIRE, MIGRATE) and upgrade_error is not None:
-                plan.results.append((a, upgrade_error))
-            elif a.kind == SEND:
-                if self.journal and not a.uid:
-                    a.uid = secrets.token_hex(8)  # kept across conflict retries
-                if (a.key is not None and a.key in keys) or (self.journal and a.uid in uids):
-                    _telemetry.duplicate(a)
-                    plan.results.append((a, cur_json))
-                else:
-                    step(a.reducer, a.data_json, a.key, a, now)
-            elif a.kind == FIRE:
-                if a.now is not None:
-                    now = min(now, a.now)
-                # Fire every timer of this envelope that is due now: the revision
-                # check of this write makes each due time fire once across workers.
-                fired_any = False
-                for name, at in sorted(due.items(), key=lambda kv: kv[1]):
-                    if at > now:
-                        continue
-                    fired_any = meta = True
-                    del due[name]
-                    fired[name] = at
-                    _telemetry.fired(a, id, name, at, now)
-                    before = len(plan.results)
-                    step(name, dumps({"now": now}), None, a, now, fire=at)
-                    result = plan.results.pop(before) if len(plan.results) > before else None
-                    if isinstance(result, BaseException):
-                        log.error("timer %r of %r failed: %s", name, id, result)
-                plan.results.append((a, cur_json if fired_any else None))
-            elif a.kind == ACK:
-                kept = [e for e in pending if e["seq"] not in a.seqs]
-                meta = meta or len(kept) != len(pending) or bool(a.failed)
-                # Reported acknowledged even if nothing is left to remove (another
-                # process delivered it): the dispatcher stops tracking it either way.
-                plan.acked.update(a.seqs)
-                pending = kept
-                failed.extend(_storable(f) for f in a.failed)
-                plan.results.append((a, None))
-            elif a.kind == RETRY:
-                # Failed deliveries go back to the outbox, only for the listeners that failed.
-                moved: dict[int, Doc] = {}
-                for f in failed:
-                    entry = moved.setdefault(
-                        f["seq"],
-                        {k: v for k, v in f.items() if k not in ("listener", "error", "attempts")},
-                    )
-                    entry.setdefault("listeners", []).append(f["listener"])
-                for entry in moved.values():
-                    entry["at"] = now
-                    pending.append(entry)
-                    plan.deliveries.append(Delivery(id, entry))
-                plan.results.append((a, len(failed)))
-                if failed:
-                    meta = True
-                    failed = []
-            elif a.kind == MIGRATE:
-                plan.results.append((a, upgraded))
-                meta = meta or upgraded
-            elif a.kind == CLAIM:
-                claimed = self._claim(id, pending, a.seqs, now)
-                plan.deliveries.extend(claimed)
-                meta = meta or bool(claimed)
-                plan.results.append((a, len(claimed)))
-            elif a.kind == CHECK:
-                plan.results.append((a, None))
-
-        if changed and self.timers:
-            try:
-                self._schedule(cur_json, due, fired)
-            except ReducerError as e:
-                # The new state cannot be scheduled: refuse every change of this fold,
-                # and write nothing (a fresh plan: no history, no deliveries).
-                for i, (a, r) in enumerate(plan.results):
-                    if a.kind == SEND and not isinstance(r, BaseException):
-                        plan.results[i] = (a, e)
-                return _Plan(id, plan.rev, None, actions, plan.results)
-        if changed and self.redeliver_after is not None and plan.deliveries:
-            # Entries left pending by a process that died go first, so this id's
-            # listeners still run in seq order (the dispatcher skips those in flight).
-            ours = {d.entry["seq"] for d in plan.deliveries}
-            now = time.time()
-            cutoff = now - self.redeliver_after
-            old = {
-                e["seq"]
-                for e in pending
-                if e["seq"] not in ours and e["seq"] < max(ours) and e["at"] <= cutoff
-            }
-            stale = self._claim(id, pending, old, now) if old else []
-            plan.deliveries[:0] = sorted(stale, key=lambda d: d.entry["seq"])
-        if not (changed or meta or plan.flush_log or force):
-            return plan
-        del keys[: max(0, len(keys) - self.keep_keys)]
-        new_doc: Doc = {
-            "state": state if upgrade_error is None else doc.get("state", {}),
-            "seq": seq,
-            "version": self.state_version if upgrade_error is None else doc.get("version"),
-        }
-        if keys:
-            new_doc["keys"] = keys
-        if due:
-            new_doc["due"] = due
-            new_doc["next_due"] = min(due.values())
-        if fired:
-            new_doc["fired"] = fired
-        if log_:
-            new_doc["log"] = log_
-        if pending:
-            pending.sort(key=lambda e: e["seq"])
-            new_doc["pending"] = pack(pending, seq)
-            new_doc["pending_since"] = self._pending_since(doc.get("pending_since"), pending)
-        if failed:
-            new_doc["failed"] = failed
-            new_doc["nfailed"] = len(failed)
-        if ops:
-            new_doc["ops"] = ops[-self.keep_keys :]
-        plan.doc = new_doc
-        plan.state_json = cur_json if upgrade_error is None else dumps(new_doc["state"])
-        return plan
-
-    def _claim(self, id: str, pending: list[Doc], seqs: Set[int], now: float) -> list[Delivery]:
-        """Claim the entries of `seqs` no other live process holds; replaces them in place.
-
-        A live claim by another process is left alone; the revision check of the
-        write that carries the claims makes one process win a race for the same entry.
-        """
-        claimed: list[Delivery] = []
-        for i, e in enumerate(pending):
-            if e["seq"] not in seqs:
-                continue
-            claim = e.get("claim")
-            if claim is not None and claim["by"] != self.token and claim["until"] > now:
-                continue
-            until = now + (self.redeliver_after or 0.0)
-            pending[i] = e = dict(e, claim={"by": self.token, "until": until})
-            claimed.append(Delivery(id, e))
-        return claimed
-
-    def _pending_since(self, old: float | None, pending: list[Doc]) -> float:
-        """The indexed lower bound of the outbox's applied times, changed as seldom as safe.
-
-        Recovery looks for `pending_since <= now - redeliver_after`, so any lower
-        bound of the pending entries' times finds every stale one. Keeping the
-        old value (while it is young) spares an index update on most writes of
-        a busy machine, whose previous change is acknowledged as the next one
-        is added; refreshing it once it is half as old as `redeliver_after`
-        keeps a busy machine from looking stale.
-        """
-        oldest: float = min(e["at"] for e in pending)
-        if old is None or old > oldest or self.redeliver_after is None:
-            return oldest
-        return old if old >= time.time() - self.redeliver_after / 2 else oldest
-
-    def _schedule(self, state_json: str, due: dict[str, float], fired: dict[str, float]) -> None:
-        """Recompute due times after a change; a consumed time never fires again."""
-        for name, timer in self.timers.items():
-            try:
-                at = timer(self.preferences, json.loads(state_json))
-            except Exception as e:
-                raise ReducerError(
-                    f"timers function {name!r} raised {type(e).__name__}: {e}"
-                ) from e
-            if at is None:
-                due.pop(name, None)
-                fired.pop(name, None)
-                continue
-            if (
-                isinstance(at, bool)
-                or not isinstance(at, int | float)
-                or (isinstance(at, float) and not math.isfinite(at))
-            ):
-                raise ReducerError(
-                    f"timers function {name!r} returned {at!r}; return epoch seconds or None"
-                )
-            if at > YEAR_5000 or at < -YEAR_5000:  # before float(): 10**400 overflows there
-                shown = repr(at) if isinstance(at, float) or at.bit_length() <= 64 else "a huge int"
-                raise ReducerError(
-                    f"timers function {name!r} returned {shown}, a time after the year 5000:"
-                    " that looks like milliseconds (a JavaScript habit); return epoch seconds,"
-                    " e.g. time.time() + 60"
-                )
-            at = float(at)
-            if fired.get(name) == at:
-                due.pop(name, None)
-                continue
-            fired.pop(name, None)
-            due[name] = at
+    ) -> Plan:
+        return Fold(self.rules, id, rec, state_json, force=force).run(actions)

@@ -35,7 +35,7 @@ from opentelemetry import metrics, trace
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 if TYPE_CHECKING:
-    from ._engine import Action
+    from ._actions import Action
 
 __all__ = [
     "Send",

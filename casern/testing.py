@@ -33,9 +33,11 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
+from ._actions import encode_data
 from ._change import Change
-from ._engine import _normalize, encode_data, freeze
+from ._engine import freeze
 from ._errors import InvalidState, ReducerError, UnknownReducer
+from ._fold import normalize
 from ._ids import check_id
 from ._types import Listener, Reducer, State
 
@@ -110,10 +112,10 @@ def _check(
     preferences: Mapping[str, Any] | None,
 ) -> State:
     try:
-        state_json, _ = _normalize({} if state is None else state)
+        state_json, _ = normalize({} if state is None else state)
     except InvalidState as e:
         raise InvalidState(f"the starting state for {name!r} is not a JSON object: {e}") from None
-    data_json = encode_data(name, data)
+    data_json, _ = encode_data(name, data)
     # The engine hands every reducer this deep read-only view; objects inside it
     # that are not dicts or lists can still change, which the snapshot catches.
     prefs: Mapping[str, Any] = freeze(preferences or {})
@@ -148,13 +150,13 @@ def _check(
 def _reduce(
     name: str, reducer: Reducer, prefs: Mapping[str, Any], state_json: str, data_json: str
 ) -> State:
-    """One run, exactly as the engine's: fresh JSON copies in, `_normalize` on the way out."""
+    """One run, exactly as the engine's: fresh JSON copies in, `normalize` on the way out."""
     try:
         new = reducer(prefs, json.loads(state_json), json.loads(data_json))
     except Exception as e:
         raise ReducerError(f"reducer {name!r} raised {type(e).__name__}: {e}") from e
     try:
-        _, parsed = _normalize(new)
+        _, parsed = normalize(new)
     except InvalidState as e:
         raise AssertionError(
             f"reducer {name!r} returned a state casern would refuse: {e}"
@@ -207,7 +209,7 @@ class _Recorder:
             raise UnknownReducer(f"a reducer name must be a str, not {type(reducer).__name__}")
         check_id(id)
         # Recorded as a JSON copy: the real send encodes the data when it is called.
-        self.sent.append(Sent(reducer, id, json.loads(encode_data(reducer, data))))
+        self.sent.append(Sent(reducer, id, encode_data(reducer, data)[1]))
 
 
 @dataclass(frozen=True, slots=True)
@@ -247,7 +249,7 @@ def make_change(
     return RecordingChange(
         id=check_id(id),
         reducer=reducer,
-        data=json.loads(encode_data(reducer, data)),
+        data=encode_data(reducer, data)[1],
         key=key,
         seq=seq,
         prev=_state_copy("prev", prev),
@@ -263,7 +265,7 @@ def make_change(
 
 def _state_copy(what: str, state: State | None) -> State:
     try:
-        return _normalize({} if state is None else state)[1]
+        return normalize({} if state is None else state)[1]
     except InvalidState as e:
         raise InvalidState(f"make_change({what}=...) is not a JSON object: {e}") from None
 

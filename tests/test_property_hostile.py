@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import casern
-from casern._engine import same
+from casern._fold import same
 
 EXAMPLES = 25  # bounded: the suite runs it on every store
 
