@@ -417,10 +417,6 @@ def test_casern_errors_exit_1_with_one_line_and_debug_shows_the_traceback(
         assert result.exit_code == 1, result.output
         assert_one_line_error(result.stderr, fragment)
 
-    bad_store = CliRunner().invoke(cli, ["--app", cli_app.ref, "--store", "ftp://x/y", "ls"])
-    assert bad_store.exit_code == 1
-    assert_one_line_error(bad_store.stderr, "unknown store URL")
-
     debug = CliRunner().invoke(
         cli, ["--debug", "--app", cli_app.ref, "--store", cli_app.store, "send", "nope", "x"]
     )
@@ -429,11 +425,38 @@ def test_casern_errors_exit_1_with_one_line_and_debug_shows_the_traceback(
     assert debug.stderr.strip().splitlines()[-1].startswith("casern: error: no reducer")
 
 
+BAD_STORE_URLS = [
+    ("postgres://x", "unknown store URL 'postgres://x': use sqlite:///file.db"),
+    ("http://127.0.0.1:5984", "ends with the database name, as in http://user:pass@host:5984/"),
+    ("http://127.0.0.1:5984/Orders", "'Orders' is not a CouchDB database name"),
+    ("sqlite:orders.db", "not an sqlite URL: 'sqlite:orders.db'; use sqlite:///relative.db"),
+]
+
+
+@pytest.mark.parametrize(("url", "fragment"), BAD_STORE_URLS)
+def test_a_bad_store_url_is_named_as_such_not_blamed_on_the_app_factory(
+    url: str, fragment: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delenv("CASERN_APP", raising=False)
+    good, typo = CLIApp(tmp_path, "sqlite://"), CLIApp(tmp_path, url)
+    given = CliRunner().invoke(cli, ["--app", good.ref, "--store", url, "ls"])
+    assert given.exit_code == 2, given.output  # a usage mistake
+    assert_one_line_error(given.stderr, "bad --store: ", fragment)
+    own = CliRunner().invoke(cli, ["--app", typo.ref, "ls"])  # the factory's own URL
+    assert own.exit_code == 1, own.output
+    assert_one_line_error(own.stderr, f"bad store URL of --app {typo.ref}: ", fragment)
+    for result in (given, own):
+        assert "factory" not in result.stderr
+        forms = ("sqlite:///relative.db", "sqlite:///file.db", "user:pass@host:5984/dbname")
+        assert any(form in result.stderr for form in forms)  # what it accepts
+
+
 def test_store_urls_are_redacted_in_messages(cli_app: CLIApp) -> None:
     result = CliRunner().invoke(
         cli, ["--app", cli_app.ref, "--store", "gopher://ann:s3cret@127.0.0.1/db", "ls"]
     )
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert "s3cret" not in result.output
 
 
