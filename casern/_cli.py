@@ -619,22 +619,26 @@ def _work(app: Casern, once: bool, grace: float) -> None:
         while not stop.wait(0.5):
             pass
         app.stop()
+        try:
+            # From here a second Ctrl-C or SIGTERM leaves the listeners under way. Not
+            # the handlers from before: SIGINT may have been ignored (a script's `&`).
+            for s in previous:
+                signal.signal(s, signal.default_int_handler)
+            under_way = app._under_way()
+            if under_way:
+                log.info(
+                    "waiting up to %gs for the listeners of %d change(s) under way (Ctrl-C"
+                    " again to leave them: the next worker delivers them)",
+                    grace,
+                    under_way,
+                )
+            app.close(timeout=grace)
+        except KeyboardInterrupt:
+            app.close(timeout=0.5)  # a no-op if the interrupted close() closed it already
+            log.info("left the listeners still under way in the outbox for the next worker")
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-    try:  # from here a second Ctrl-C leaves the listeners under way
-        under_way = app._under_way()
-        if under_way:
-            log.info(
-                "waiting up to %gs for the listeners of %d change(s) under way (Ctrl-C again"
-                " to leave them: the next worker delivers them)",
-                grace,
-                under_way,
-            )
-        app.close(timeout=grace)
-    except KeyboardInterrupt:
-        app.close(timeout=0.5)  # a no-op if the interrupted close() closed it already
-        log.info("left the listeners still under way in the outbox for the next worker")
     log.info("worker stopped")
 
 

@@ -55,6 +55,10 @@ def running(
                     proc.wait()
 
 
+# A command prefix: the command starts with SIGINT ignored, as `command &` in a script.
+SIGINT_IGNORED = ["sh", "-c", "trap '' INT; exec \"$@\"", "sh"]
+
+
 def take_ctrl_c() -> None:
     """Give this process, and so every process it starts, Ctrl-C as at a terminal.
 

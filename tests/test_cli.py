@@ -28,6 +28,7 @@ import pytest
 from click.testing import CliRunner, Result
 
 import casern
+from _process import SIGINT_IGNORED
 from casern._cli import cli, load_app
 
 TEST_APP = '''
@@ -136,11 +137,15 @@ class CLIApp:
         )
 
     @contextmanager
-    def start(self, *args: str) -> Iterator[subprocess.Popen[str]]:
+    def start(self, *args: str, sigint_ignored: bool = False) -> Iterator[subprocess.Popen[str]]:
         """The console script on this app, running in the background (stdout/stderr piped,
-        for the test to read while it runs); killed on the way out if still running."""
+        for the test to read while it runs); killed on the way out if still running.
+
+        `sigint_ignored`: started as by `casern worker &` in a script, SIGINT ignored.
+        """
+        command = [casern_script(), "--app", self.ref, "--store", self.store, *args]
         with subprocess.Popen(
-            [casern_script(), "--app", self.ref, "--store", self.store, *args],
+            [*SIGINT_IGNORED, *command] if sigint_ignored else command,
             cwd=self.root,
             env=self.env(),
             stdout=subprocess.PIPE,
@@ -605,21 +610,26 @@ def test_worker_logs_listeners_and_says_what_it_waits_for_when_stopped(
     assert cli_app.listened() == ["w1", "1", "w1", "2"]
 
 
+@pytest.mark.parametrize(
+    ("stop", "sigint_ignored"),
+    [(signal.SIGINT, False), (signal.SIGINT, True), (signal.SIGTERM, True)],
+    ids=["ctrl-c", "ctrl-c-started-with-sigint-ignored", "sigterm-started-with-sigint-ignored"],
+)
 def test_a_second_ctrl_c_leaves_the_listeners_under_way_and_exits_at_once(
-    cli_app: CLIApp, opened: Callable[[], casern.Casern]
+    cli_app: CLIApp, opened: Callable[[], casern.Casern], stop: int, sigint_ignored: bool
 ) -> None:
     cli_app.run("send", "arm", "w1", json.dumps({"at": time.time() + 0.5}))
     (cli_app.root / "slow.flag").write_text("4")  # the timer's listener runs 4 s
-    with cli_app.start("worker") as proc:
+    with cli_app.start("worker", sigint_ignored=sigint_ignored) as proc:
         deadline = time.monotonic() + 30
         reader = opened()
         while time.monotonic() < deadline and not reader.inspect("w1")["pending"]:  # type: ignore[index]
             time.sleep(0.02)
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(stop)
         while time.monotonic() < deadline and proc.stderr is not None:
             if "Ctrl-C again" in proc.stderr.readline():
                 break
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(stop)  # before: ignored if SIGINT was, SIGTERM killed it outright
         _, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
     assert "left the listeners still under way in the outbox for the next worker" in err

@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from _process import output, running
+from _process import SIGINT_IGNORED, output, running
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -32,8 +32,7 @@ def test_a_process_under_test_stops_on_ctrl_c_as_at_a_terminal() -> None:
 def test_the_suite_started_with_sigint_ignored_still_reaches_its_processes() -> None:
     inner = f"{Path(__file__).name}::test_a_process_under_test_stops_on_ctrl_c_as_at_a_terminal"
     pytest_ = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"tests/{inner}"]
-    ignoring = ["sh", "-c", "trap '' INT; exec \"$@\"", "sh"]  # as `pytest &` in a script
     result = subprocess.run(
-        [*ignoring, *pytest_], cwd=REPO, capture_output=True, text=True, timeout=180
+        [*SIGINT_IGNORED, *pytest_], cwd=REPO, capture_output=True, text=True, timeout=180
     )
     assert result.returncode == 0, result.stdout + result.stderr
