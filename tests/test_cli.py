@@ -626,11 +626,15 @@ def test_a_second_ctrl_c_leaves_the_listeners_under_way_and_exits_at_once(
         while time.monotonic() < deadline and not reader.inspect("w1")["pending"]:  # type: ignore[index]
             time.sleep(0.02)
         proc.send_signal(stop)
-        while time.monotonic() < deadline and proc.stderr is not None:
-            if "Ctrl-C again" in proc.stderr.readline():
+        assert proc.stderr is not None
+        seen = []  # kept for the messages below: communicate() returns only the rest
+        while time.monotonic() < deadline and (line := proc.stderr.readline()):
+            seen.append(line)
+            if "Ctrl-C again" in line:
                 break
         proc.send_signal(stop)  # before: ignored if SIGINT was, SIGTERM killed it outright
-        _, err = proc.communicate(timeout=30)
+        _, rest = proc.communicate(timeout=30)
+        err = "".join(seen) + rest
     assert proc.returncode == 0, err
     assert "left the listeners still under way in the outbox for the next worker" in err
     assert err.strip().splitlines()[-1].endswith("worker stopped")
