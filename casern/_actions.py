@@ -51,6 +51,9 @@ class Delivery:
 
     id: str
     entry: Doc  # seq, reducer, data, key, applied_at, at, version, prev, state[, listeners]
+    #: The entry's (data, prev, state) as JSON text, when the fold has them: each
+    #: listener's own copies are parsed from them instead of encoded first.
+    texts: tuple[str, str, str] | None = None
 
 
 def encode_data(reducer: str, data: Any) -> tuple[str, Any]:

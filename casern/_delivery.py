@@ -50,6 +50,7 @@ class _Job:
     id: str
     entry: Doc
     remaining: int
+    texts: tuple[str, str, str] | None = None  # see Delivery.texts
     failed: list[Doc] = field(default_factory=list)
 
 
@@ -113,7 +114,7 @@ class Dispatcher:
         coros: list[tuple[str, _Job]] = []
         for d in fresh:
             names = [n for n in d.entry.get("listeners") or self.listeners if n in self.listeners]
-            job = _Job(d.id, d.entry, len(names))
+            job = _Job(d.id, d.entry, len(names), d.texts)
             if not names:
                 self._finish(job)
             for name in names:
@@ -443,14 +444,18 @@ class Dispatcher:
             key = "casern:" + hashlib.blake2b(origin, digest_size=12).hexdigest()
             sent.append(self._send(reducer, id, data, key))
 
+        if job.texts is None:
+            data, prev, state = _copy(entry["data"]), _copy(entry["prev"]), _copy(entry["state"])
+        else:
+            data, prev, state = (json.loads(text) for text in job.texts)
         return Change(
             id=job.id,
             reducer=entry["reducer"],
-            data=_copy(entry["data"]),
+            data=data,
             key=entry["key"],
             seq=entry["seq"],
-            prev=_copy(entry["prev"]),
-            state=_copy(entry["state"]),
+            prev=prev,
+            state=state,
             applied_at=datetime.fromisoformat(entry["applied_at"]),
             preferences=self.preferences,
             services=self.services,

@@ -158,6 +158,7 @@ class Engine:
         self._tiebreak = 0
         self._acks: OrderedDict[str, tuple[set[int], list[Doc], float]] = OrderedDict()
         self._sweeping = False  # a flush asked for every deferred ack to be written
+        self._last_send = -math.inf  # time.monotonic() of the newest send queued
         self._on_exit: list[Callable[[], None]] = []
         self._exited = False
         self._kick = threading.Event()
@@ -187,6 +188,8 @@ class Engine:
         action.future.add_done_callback(self._done)
         with self._lock:
             self._queue.append(action)
+            if action.kind == SEND:
+                self._last_send = time.monotonic()
             idle = not self._leading
             if idle and lead:
                 self._leading = True
@@ -342,8 +345,14 @@ class Engine:
                 return
 
     def _lead(self, own: Action | None) -> None:
-        """Write batches until nothing is left (or, for a sender, its own action is done)."""
+        """Write batches until nothing is left (or, for a sender, its own action is done).
+
+        A sender whose action is done writes one more batch if others queued
+        meanwhile: they are waiting, and waking the committer thread for them
+        costs a thread switch. One, not more: its own caller waits too.
+        """
         self._here.leading = True
+        extra = 1
         try:
             while True:
                 batch, flushes = self._take()
@@ -361,7 +370,9 @@ class Engine:
                 if not (batch or flushes):
                     return
                 if own is not None and own.future.done():
-                    return
+                    if extra == 0 or not self._queue:
+                        return
+                    extra -= 1
         finally:
             self._here.leading = False
             with self._lock:
@@ -387,11 +398,8 @@ class Engine:
             if not self._acks:
                 return batch, flushes
             # Acknowledgements ride along with the next write of their id, or go
-            # out in a sweep once `ack_delay` old when quiet (or on flush). Under
-            # steady load they wait a little longer for a ride, but not forever:
-            # else they pile up, and the outbox with them.
+            # out in a sweep when due (see `_ack_due`), or on flush.
             ids = {a.id for a in batch}
-            patience = self.ack_patience if ids else self.ack_delay
             for id in ids & self._acks.keys():
                 batch.append(self._ack_action(id))
             # A flush sweeps every deferred ack, batch after batch, not just one batch.
@@ -401,7 +409,7 @@ class Engine:
             while self._acks and room > 0:
                 room -= 1
                 id, (_, _, since) = next(iter(self._acks.items()))
-                if not (sweep or now - since >= patience):
+                if not (sweep or self._due(since) <= now):
                     break  # acks are in arrival order: the rest are younger
                 batch.append(self._ack_action(id))
             if not self._acks:
@@ -416,8 +424,20 @@ class Engine:
         """
         if self._retries:  # rare (write conflicts): the committer times them
             return True
-        since = next(iter(self._acks.values()))[2] if self._acks else math.inf
-        return since + self.ack_delay <= time.monotonic()
+        return (
+            bool(self._acks) and self._due(next(iter(self._acks.values()))[2]) <= time.monotonic()
+        )
+
+    def _due(self, since: float) -> float:
+        """When a deferred acknowledgement deferred at `since` goes out in a sweep of its own.
+
+        Once `ack_delay` old and no send came for `ack_delay` (quiet); under
+        steady load it waits up to `ack_patience` for a ride with the next
+        write of its id, but not forever: else acks pile up, and the outbox
+        with them. So a busy committer is not woken to sweep acks that the
+        next sends would have carried for free.
+        """
+        return min(since + self.ack_patience, max(since, self._last_send) + self.ack_delay)
 
     def _ack_action(self, id: str) -> Action:
         seqs, fails, _ = self._acks.pop(id)
@@ -432,8 +452,7 @@ class Engine:
             if self._retries:
                 waits.append(self._retries[0][0] - now)
             if self._acks:
-                since = next(iter(self._acks.values()))[2]
-                waits.append(since + self.ack_delay - now)
+                waits.append(self._due(next(iter(self._acks.values()))[2]) - now)
         return max(0.0005, min(waits))
 
     def _retry_later(self, action: Action) -> None:
@@ -508,7 +527,9 @@ class Engine:
         if not plans:
             return
         plans = [p for p in plans if self._flush_log(p)]
-        writes = [Write(p.id, p.rev, p.doc or {}, p.history, p.drop) for p in plans]
+        writes = [
+            Write(p.id, p.rev, p.doc or {}, p.history, p.drop, p.state_json, p.base) for p in plans
+        ]
         started = time.perf_counter()
         try:
             revs = self.store.put_many(writes) if writes else []

@@ -79,6 +79,7 @@ class Plan:
     deliveries: list[Delivery] = field(default_factory=list)
     acked: set[int] = field(default_factory=set)
     drop: tuple[str, ...] = ()  # sibling revisions this write merges (deleted with it)
+    base: Doc | None = None  # the document of revision `rev`
 
 
 # -- states ---------------------------------------------------------------------------
@@ -202,7 +203,7 @@ class Fold:
         self.force = force
         doc: Doc = rec.doc if rec else {"state": {}, "seq": 0, "version": rules.state_version}
         self.doc = doc
-        self.plan = Plan(id, rec.rev if rec else None, None, [], [])
+        self.plan = Plan(id, rec.rev if rec else None, None, [], [], base=rec.doc if rec else None)
         self.upgrade_error: UpgradeError | None = None
         try:
             self.state = load_state(rules, doc)
@@ -394,7 +395,8 @@ class Fold:
             if uid:
                 entry["u"] = uid
             self.pending.append(entry)
-            self.plan.deliveries.append(Delivery(self.id, entry))
+            texts = (data_json, self.state_json, new_json)
+            self.plan.deliveries.append(Delivery(self.id, entry, texts))
         if key is not None:
             self.keys.append(key)
         self.state, self.state_json = new_state, new_json

@@ -77,6 +77,10 @@ class Write:
     transaction, other stores ignore them (the engine relays them later).
     `drop` names sibling revisions (see `Record.conflicts`) to delete in the same
     request once `doc` holds what they held; one that changed meanwhile stays.
+    `state_json`, if not empty, is `doc["state"]` as canonical JSON text, which a
+    store may use instead of encoding the state again. `base`, if given, is the
+    document of revision `rev`: a store may leave alone what did not change
+    (SQLite: the indexed columns).
     """
 
     id: str
@@ -84,6 +88,8 @@ class Write:
     doc: Doc
     history: Sequence[Doc] = field(default=())
     drop: tuple[str, ...] = ()
+    state_json: str = ""
+    base: Doc | None = None
 
 
 class Store(ABC):
