@@ -31,6 +31,8 @@ from . import __version__
 from ._app import Casern
 from ._demo import command as demo_command
 from ._errors import CasernError
+from .stores import StoreURLError
+from .stores.base import STORE_URLS
 
 __all__ = ["cli", "main"]
 
@@ -109,6 +111,13 @@ class _Group(click.Group):
 
 
 def _failure(e: Exception, options: Options | None) -> CLIError:
+    if isinstance(e, StoreURLError):
+        shown = any(form in str(e) for form in ("sqlite:///", "user:pass@host"))
+        hint = "" if shown else f"; a store URL is {STORE_URLS}"
+        if options is not None and options.store is not None:
+            return CLIUsageError(f"bad --store: {e}{hint}")
+        where = f" of --app {options.app}" if options is not None and options.app else ""
+        return CLIError(f"bad store URL{where}: {e}{hint}")
     if isinstance(e, CasernError | ValueError):
         return CLIError(str(e) or type(e).__name__)
     hint = "" if options is not None and options.debug else " (run with --debug for the traceback)"
@@ -201,7 +210,7 @@ def load_app(ref: str | None, store: str | None = None) -> Casern:
 def _call_factory(factory: Callable[..., Any], ref: str, **kwargs: Any) -> Any:
     try:
         return factory(**kwargs)
-    except (CasernError, CLIError):
+    except (CasernError, CLIError, StoreURLError):
         raise
     except Exception as e:
         raise CLIError(f"the app factory --app {ref} raised {type(e).__name__}: {e}") from e
@@ -610,22 +619,26 @@ def _work(app: Casern, once: bool, grace: float) -> None:
         while not stop.wait(0.5):
             pass
         app.stop()
+        try:
+            # From here a second Ctrl-C or SIGTERM leaves the listeners under way. Not
+            # the handlers from before: SIGINT may have been ignored (a script's `&`).
+            for s in previous:
+                signal.signal(s, signal.default_int_handler)
+            under_way = app._under_way()
+            if under_way:
+                log.info(
+                    "waiting up to %gs for the listeners of %d change(s) under way (Ctrl-C"
+                    " again to leave them: the next worker delivers them)",
+                    grace,
+                    under_way,
+                )
+            app.close(timeout=grace)
+        except KeyboardInterrupt:
+            app.close(timeout=0.5)  # a no-op if the interrupted close() closed it already
+            log.info("left the listeners still under way in the outbox for the next worker")
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-    try:  # from here a second Ctrl-C leaves the listeners under way
-        under_way = app._under_way()
-        if under_way:
-            log.info(
-                "waiting up to %gs for the listeners of %d change(s) under way (Ctrl-C again"
-                " to leave them: the next worker delivers them)",
-                grace,
-                under_way,
-            )
-        app.close(timeout=grace)
-    except KeyboardInterrupt:
-        app.close(timeout=0.5)  # a no-op if the interrupted close() closed it already
-        log.info("left the listeners still under way in the outbox for the next worker")
     log.info("worker stopped")
 
 

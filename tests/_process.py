@@ -55,6 +55,23 @@ def running(
                     proc.wait()
 
 
+# A command prefix: the command starts with SIGINT ignored, as `command &` in a script.
+SIGINT_IGNORED = ["sh", "-c", "trap '' INT; exec \"$@\"", "sh"]
+
+
+def take_ctrl_c() -> None:
+    """Give this process, and so every process it starts, Ctrl-C as at a terminal.
+
+    A script's `pytest &` (as in .ci/run) starts with SIGINT ignored, and an ignored
+    signal stays ignored in every process started from it: a server under test that
+    relies on Python's KeyboardInterrupt (Django's runserver) never stops on the
+    SIGINT a test sends it. A handled signal is reset to the default in a new program,
+    so handling it here gives those processes theirs back.
+    """
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def output(proc: subprocess.Popen[str]) -> str:
     """What a process started by `running` wrote to stderr so far."""
     assert proc.stderr is not None

@@ -15,8 +15,13 @@ from typing import Any
 import pytest
 
 import casern
+from _process import take_ctrl_c
 
 STORES = ["sqlite", pytest.param("couchdb", marks=pytest.mark.couchdb)]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    take_ctrl_c()  # the tests' Ctrl-C reaches the servers they start, however pytest runs
 
 
 @pytest.fixture(scope="session")

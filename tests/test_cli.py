@@ -20,6 +20,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ import pytest
 from click.testing import CliRunner, Result
 
 import casern
+from _process import SIGINT_IGNORED
 from casern._cli import cli, load_app
 
 TEST_APP = '''
@@ -134,23 +136,27 @@ class CLIApp:
             timeout=timeout,
         )
 
-    def start(self, *args: str, interruptible: bool = False) -> subprocess.Popen[str]:
-        """Start the console script on this app in the background (stdout/stderr piped).
+    @contextmanager
+    def start(self, *args: str, sigint_ignored: bool = False) -> Iterator[subprocess.Popen[str]]:
+        """The console script on this app, running in the background (stdout/stderr piped,
+        for the test to read while it runs); killed on the way out if still running.
 
-        `interruptible`: Ctrl-C acts as at a terminal, even when the test runner was
-        started with SIGINT ignored.
+        `sigint_ignored`: started as by `casern worker &` in a script, SIGINT ignored.
         """
-        return subprocess.Popen(
-            [casern_script(), "--app", self.ref, "--store", self.store, *args],
+        command = [casern_script(), "--app", self.ref, "--store", self.store, *args]
+        with subprocess.Popen(
+            [*SIGINT_IGNORED, *command] if sigint_ignored else command,
             cwd=self.root,
             env=self.env(),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
-            preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-            if interruptible
-            else None,
-        )
+        ) as proc:  # closes the pipes and waits
+            try:
+                yield proc
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
 
     def env(self, extra: dict[str, str] | None = None) -> dict[str, str]:
         env = {**os.environ, "PYTHONPATH": str(self.root), **(extra or {})}
@@ -416,10 +422,6 @@ def test_casern_errors_exit_1_with_one_line_and_debug_shows_the_traceback(
         assert result.exit_code == 1, result.output
         assert_one_line_error(result.stderr, fragment)
 
-    bad_store = CliRunner().invoke(cli, ["--app", cli_app.ref, "--store", "ftp://x/y", "ls"])
-    assert bad_store.exit_code == 1
-    assert_one_line_error(bad_store.stderr, "unknown store URL")
-
     debug = CliRunner().invoke(
         cli, ["--debug", "--app", cli_app.ref, "--store", cli_app.store, "send", "nope", "x"]
     )
@@ -428,11 +430,38 @@ def test_casern_errors_exit_1_with_one_line_and_debug_shows_the_traceback(
     assert debug.stderr.strip().splitlines()[-1].startswith("casern: error: no reducer")
 
 
+BAD_STORE_URLS = [
+    ("postgres://x", "unknown store URL 'postgres://x': use sqlite:///file.db"),
+    ("http://127.0.0.1:5984", "ends with the database name, as in http://user:pass@host:5984/"),
+    ("http://127.0.0.1:5984/Orders", "'Orders' is not a CouchDB database name"),
+    ("sqlite:orders.db", "not an sqlite URL: 'sqlite:orders.db'; use sqlite:///relative.db"),
+]
+
+
+@pytest.mark.parametrize(("url", "fragment"), BAD_STORE_URLS)
+def test_a_bad_store_url_is_named_as_such_not_blamed_on_the_app_factory(
+    url: str, fragment: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delenv("CASERN_APP", raising=False)
+    good, typo = CLIApp(tmp_path, "sqlite://"), CLIApp(tmp_path, url)
+    given = CliRunner().invoke(cli, ["--app", good.ref, "--store", url, "ls"])
+    assert given.exit_code == 2, given.output  # a usage mistake
+    assert_one_line_error(given.stderr, "bad --store: ", fragment)
+    own = CliRunner().invoke(cli, ["--app", typo.ref, "ls"])  # the factory's own URL
+    assert own.exit_code == 1, own.output
+    assert_one_line_error(own.stderr, f"bad store URL of --app {typo.ref}: ", fragment)
+    for result in (given, own):
+        assert "factory" not in result.stderr
+        forms = ("sqlite:///relative.db", "sqlite:///file.db", "user:pass@host:5984/dbname")
+        assert any(form in result.stderr for form in forms)  # what it accepts
+
+
 def test_store_urls_are_redacted_in_messages(cli_app: CLIApp) -> None:
     result = CliRunner().invoke(
         cli, ["--app", cli_app.ref, "--store", "gopher://ann:s3cret@127.0.0.1/db", "ls"]
     )
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert "s3cret" not in result.output
 
 
@@ -541,8 +570,7 @@ def test_json_is_indented_on_a_terminal(cli_app: CLIApp) -> None:
 
 def test_worker_fires_timers_and_stops_cleanly_on_sigterm(cli_app: CLIApp) -> None:
     cli_app.run("send", "arm", "w1", json.dumps({"at": time.time() + 0.5}))
-    proc = cli_app.start("worker")
-    try:
+    with cli_app.start("worker") as proc:
         deadline = time.monotonic() + 30
         state: dict[str, Any] = {}
         while time.monotonic() < deadline and "woke_at" not in state:
@@ -552,10 +580,6 @@ def test_worker_fires_timers_and_stops_cleanly_on_sigterm(cli_app: CLIApp) -> No
         assert state["woke_at"] >= state["wake_at"]  # never before its due time
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert proc.returncode == 0, err
     assert "Traceback" not in err
     assert "worker started on" in err
@@ -569,8 +593,7 @@ def test_worker_logs_listeners_and_says_what_it_waits_for_when_stopped(
 ) -> None:
     cli_app.run("send", "arm", "w1", json.dumps({"at": time.time() + 0.5}))
     (cli_app.root / "slow.flag").touch()  # the timer's listener runs 2 s in the worker
-    proc = cli_app.start("worker")
-    try:
+    with cli_app.start("worker") as proc:
         deadline = time.monotonic() + 30
         state: dict[str, Any] = {}
         reader = opened()
@@ -579,10 +602,6 @@ def test_worker_logs_listeners_and_says_what_it_waits_for_when_stopped(
             state = reader.get("w1") or {}
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert proc.returncode == 0, err
     assert "waiting up to 10s for the listeners of 1 change(s) under way" in err
     assert "cliapp INFO: recorded w1 2" in err  # the listener's own log, through the root
@@ -591,27 +610,31 @@ def test_worker_logs_listeners_and_says_what_it_waits_for_when_stopped(
     assert cli_app.listened() == ["w1", "1", "w1", "2"]
 
 
+@pytest.mark.parametrize(
+    ("stop", "sigint_ignored"),
+    [(signal.SIGINT, False), (signal.SIGINT, True), (signal.SIGTERM, True)],
+    ids=["ctrl-c", "ctrl-c-started-with-sigint-ignored", "sigterm-started-with-sigint-ignored"],
+)
 def test_a_second_ctrl_c_leaves_the_listeners_under_way_and_exits_at_once(
-    cli_app: CLIApp, opened: Callable[[], casern.Casern]
+    cli_app: CLIApp, opened: Callable[[], casern.Casern], stop: int, sigint_ignored: bool
 ) -> None:
     cli_app.run("send", "arm", "w1", json.dumps({"at": time.time() + 0.5}))
     (cli_app.root / "slow.flag").write_text("4")  # the timer's listener runs 4 s
-    proc = cli_app.start("worker", interruptible=True)
-    try:
+    with cli_app.start("worker", sigint_ignored=sigint_ignored) as proc:
         deadline = time.monotonic() + 30
         reader = opened()
         while time.monotonic() < deadline and not reader.inspect("w1")["pending"]:  # type: ignore[index]
             time.sleep(0.02)
-        proc.send_signal(signal.SIGINT)
-        while time.monotonic() < deadline and proc.stderr is not None:
-            if "Ctrl-C again" in proc.stderr.readline():
+        proc.send_signal(stop)
+        assert proc.stderr is not None
+        seen = []  # kept for the messages below: communicate() returns only the rest
+        while time.monotonic() < deadline and (line := proc.stderr.readline()):
+            seen.append(line)
+            if "Ctrl-C again" in line:
                 break
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        proc.send_signal(stop)  # before: ignored if SIGINT was, SIGTERM killed it outright
+        _, rest = proc.communicate(timeout=30)
+        err = "".join(seen) + rest
     assert proc.returncode == 0, err
     assert "left the listeners still under way in the outbox for the next worker" in err
     assert err.strip().splitlines()[-1].endswith("worker stopped")
@@ -624,16 +647,11 @@ def test_a_second_ctrl_c_leaves_the_listeners_under_way_and_exits_at_once(
 
 def test_ctrl_c_while_send_waits_for_its_listeners_exits_at_once(cli_app: CLIApp) -> None:
     (cli_app.root / "slow.flag").write_text("4")  # the listener runs 4 s
-    proc = cli_app.start("send", "inc", "s1", interruptible=True)
-    try:
+    with cli_app.start("send", "inc", "s1") as proc:
         assert proc.stdout is not None
         assert json.loads(proc.stdout.readline()) == {"n": 1}  # committed; listener running
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert proc.returncode != 0 and "Traceback" not in err, err
     # Before, close() then waited up to 10 s more, and the listener finished.
     assert cli_app.listened() == []

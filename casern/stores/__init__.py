@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from urllib.parse import urlsplit
 
-from .base import Record, Store, Write
+from .base import STORE_URLS, Record, Store, StoreURLError, Write
 
-__all__ = ["Record", "Store", "Write", "open_store", "redact"]
+__all__ = ["Record", "Store", "StoreURLError", "Write", "open_store", "redact"]
 
 
 def redact(url: str) -> str:
@@ -31,7 +31,4 @@ def open_store(url: str) -> Store:
         from .couchdb import CouchDBStore
 
         return CouchDBStore(url)
-    raise ValueError(
-        f"unknown store URL {redact(url)!r}: use sqlite:///file.db, sqlite:// (in memory)"
-        " or http(s)://user:pass@host:5984/dbname (CouchDB)"
-    )
+    raise StoreURLError(f"unknown store URL {redact(url)!r}: use {STORE_URLS}")

@@ -39,7 +39,17 @@ from typing import Any
 from .._errors import CasernError, InvalidState
 from .._query import Query, matches
 
-__all__ = ["Record", "Store", "Write"]
+__all__ = ["Record", "Store", "StoreURLError", "Write"]
+
+STORE_URLS = (
+    "sqlite:///file.db, sqlite:// (in memory) or http(s)://user:pass@host:5984/dbname (CouchDB)"
+)
+
+
+class StoreURLError(ValueError):
+    """A store URL no store can open (an unknown scheme, no database name ...): a
+    configuration mistake, told apart from a ValueError of the app's own code."""
+
 
 Doc = dict[str, Any]
 

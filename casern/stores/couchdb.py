@@ -38,7 +38,7 @@ import httpx
 from .._errors import CasernError, InvalidState, StoreUnavailable
 from .._ids import check_id
 from .._query import RANGES, All, AnyOf, Cond, Query, matches, paths
-from .base import Doc, Record, Store, Write, chunks, too_large
+from .base import Doc, Record, Store, StoreURLError, Write, chunks, too_large
 
 __all__ = ["CouchDBStore"]
 
@@ -286,7 +286,7 @@ class CouchDBStore(Store):
             # Raised outside the except block: the parser's message may quote
             # part of the password (an unescaped "/" or "#" in it moves the
             # rest into the port), so not even __context__ may hold it.
-            raise ValueError(
+            raise StoreURLError(
                 "cannot parse the CouchDB store URL (percent-encode special characters"
                 " in the user name and password)"
             )
@@ -303,11 +303,16 @@ class CouchDBStore(Store):
         dbname = unquote(segments[-1]) if len(segments) > 1 else ""
         self.url = urlunsplit((parts.scheme, redacted, parts.path, "", ""))
         if parts.scheme not in ("http", "https") or not host:
-            raise ValueError(
+            raise StoreURLError(
                 f"a CouchDB store URL looks like http://user:pass@host:5984/dbname, not {self.url}"
             )
+        if not dbname:
+            raise StoreURLError(
+                "a CouchDB store URL ends with the database name, as in"
+                f" http://user:pass@host:5984/dbname; {self.url} has none"
+            )
         if not _DB_NAME.match(dbname):
-            raise ValueError(
+            raise StoreURLError(
                 f"{dbname!r} is not a CouchDB database name"
                 f" (a lowercase letter, then a-z 0-9 _$()+/-): {self.url}"
             )

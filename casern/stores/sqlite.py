@@ -25,7 +25,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 from .._errors import CasernError, InvalidState, StoreUnavailable
 from .._query import RANGES, All, AnyOf, Cond, Query, Scalar
-from .base import Doc, Record, Store, Write, chunks, index_fields, too_large
+from .base import Doc, Record, Store, StoreURLError, Write, chunks, index_fields, too_large
 
 __all__ = ["SQLiteStore"]
 
@@ -90,24 +90,24 @@ class SQLiteStore(Store):
     ) -> None:
         parts = urlsplit(url)
         if parts.scheme != "sqlite" or not url[len("sqlite:") :].startswith("//"):
-            raise ValueError(
+            raise StoreURLError(
                 f"not an sqlite URL: {url!r}; use sqlite:///relative.db or sqlite:////abs.db"
             )
         # sqlite:///rel.db -> path "/rel.db" (relative), sqlite:////abs.db -> "//abs.db".
         path = unquote(parts.path)
         if parts.netloc:
-            raise ValueError(
+            raise StoreURLError(
                 f"an sqlite URL has no host: {url!r}; use sqlite:///relative.db or sqlite:////abs.db"
             )
         if path and not path.startswith("/"):  # sqlite:orders.db, a likely typo
-            raise ValueError(
+            raise StoreURLError(
                 f"not an sqlite URL: {url!r}; use sqlite:///relative.db or sqlite:////abs.db"
             )
         self.path = path[1:] or ":memory:"
         options = {k: v[-1].lower() for k, v in parse_qs(parts.query).items()}
         synchronous = options.pop("synchronous", "normal")
         if synchronous not in _SYNCHRONOUS or options:
-            raise ValueError(
+            raise StoreURLError(
                 f"unknown sqlite URL options in {url!r}: only ?synchronous=normal|full is supported"
             )
         self.url = url
