@@ -44,6 +44,7 @@ __all__ = ["Engine", "freeze"]
 log = logging.getLogger("casern")
 
 MAX_BATCH = 500
+EXTRA_BATCH = 32  # at most this many others a sender writes after its own (see `_lead`)
 
 
 def freeze(value: Any) -> Any:
@@ -347,9 +348,10 @@ class Engine:
     def _lead(self, own: Action | None) -> None:
         """Write batches until nothing is left (or, for a sender, its own action is done).
 
-        A sender whose action is done writes one more batch if others queued
-        meanwhile: they are waiting, and waking the committer thread for them
-        costs a thread switch. One, not more: its own caller waits too.
+        A sender whose action is done writes one more batch if a few others
+        queued meanwhile: they are waiting, and waking the committer thread for
+        them costs a thread switch. One small batch, not more: its own caller
+        waits too, and a long queue is the committer thread's work.
         """
         self._here.leading = True
         extra = 1
@@ -370,7 +372,7 @@ class Engine:
                 if not (batch or flushes):
                     return
                 if own is not None and own.future.done():
-                    if extra == 0 or not self._queue:
+                    if extra == 0 or not 0 < len(self._queue) <= EXTRA_BATCH:
                         return
                     extra -= 1
         finally:
