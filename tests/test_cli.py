@@ -619,7 +619,10 @@ def test_a_second_ctrl_c_leaves_the_listeners_under_way_and_exits_at_once(
     cli_app: CLIApp, opened: Callable[[], casern.Casern], stop: int, sigint_ignored: bool
 ) -> None:
     cli_app.run("send", "arm", "w1", json.dumps({"at": time.time() + 0.5}))
-    (cli_app.root / "slow.flag").write_text("4")  # the timer's listener runs 4 s
+    # The timer's listener runs 8 s: less than close()'s 10 s wait for listeners, which the
+    # second signal must cut short, and long enough for a loaded CI machine to exit in
+    # (with 4 s the listener finished first, once in CI).
+    (cli_app.root / "slow.flag").write_text("8")
     with cli_app.start("worker", sigint_ignored=sigint_ignored) as proc:
         deadline = time.monotonic() + 30
         reader = opened()
@@ -633,14 +636,16 @@ def test_a_second_ctrl_c_leaves_the_listeners_under_way_and_exits_at_once(
             if "Ctrl-C again" in line:
                 break
         proc.send_signal(stop)  # before: ignored if SIGINT was, SIGTERM killed it outright
+        again = time.monotonic()
         _, rest = proc.communicate(timeout=30)
+        took = time.monotonic() - again
         err = "".join(seen) + rest
     assert proc.returncode == 0, err
     assert "left the listeners still under way in the outbox for the next worker" in err
     assert err.strip().splitlines()[-1].endswith("worker stopped")
     # It exited without waiting for the listener (before: the exit hook closed the app
     # again and waited up to 10 s, letting the listener finish).
-    assert cli_app.listened() == ["w1", "1"]
+    assert cli_app.listened() == ["w1", "1"], f"exited {took:.1f} s after the second: {err}"
     pending = reader.inspect("w1")["pending"]  # type: ignore[index]
     assert [entry["seq"] for entry in pending] == [2]  # left for the next worker
 
