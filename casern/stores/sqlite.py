@@ -258,27 +258,18 @@ class SQLiteStore(Store):
         if not rows:
             return results
 
-        def run() -> None:
-            db = self._db
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                landed: list[tuple[str, int, str]] = []
-                for i, sql, args, rev, history in rows:  # a retry after a busy error starts over
-                    if db.execute(sql, args).rowcount == 1:
-                        results[i] = rev
-                        landed += history
-                    else:
-                        results[i] = None
-                if len(landed) == 1:
-                    db.execute(_INSERT_HISTORY, landed[0])
-                elif landed:  # one statement for the history rows of the whole group commit
-                    db.executemany(_INSERT_HISTORY, landed)
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            db.execute("COMMIT")
+        def run(db: sqlite3.Connection) -> None:
+            landed: list[tuple[str, int, str]] = []
+            for i, sql, args, rev, history in rows:  # a retry after a busy error starts over
+                if db.execute(sql, args).rowcount == 1:
+                    results[i] = rev
+                    landed += history
+                else:
+                    results[i] = None
+            if landed:  # one statement for the history rows of the whole group commit
+                db.executemany(_INSERT_HISTORY, landed)
 
-        self._retry(run)
+        self._transaction(run)
         return results
 
     def _envelope(self, w: Write) -> str:
