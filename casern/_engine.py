@@ -144,10 +144,9 @@ class Engine:
             limit=store.max_document_size,
         )
         self.cache = _LRU(cache_size)
-        # A store that may fork journals every applied action (`ops`), and changes
-        # reach listeners only once their revision is confirmed; until then they
-        # are held here (touched by the leading thread only).
-        self.journal = store.may_fork
+        # A store that may fork journals every applied action (`ops`, rules.journal),
+        # and changes reach listeners only once their revision is confirmed; until
+        # then they are held here (touched by the leading thread only).
         self._held: dict[str, list[Delivery]] = {}
         # Everything below is guarded by _lock. Whoever holds the `_leading` flag
         # is the one thread that folds and writes; see `submit`.
@@ -400,7 +399,7 @@ class Engine:
             if not self._acks:
                 return batch, flushes
             # Acknowledgements ride along with the next write of their id, or go
-            # out in a sweep when due (see `_ack_due`), or on flush.
+            # out in a sweep when due (see `_due`), or on flush.
             ids = {a.id for a in batch}
             for id in ids & self._acks.keys():
                 batch.append(self._ack_action(id))
@@ -431,7 +430,7 @@ class Engine:
         )
 
     def _due(self, since: float) -> float:
-        """When a deferred acknowledgement deferred at `since` goes out in a sweep of its own.
+        """When an acknowledgement deferred at `since` goes out in a sweep of its own.
 
         Once `ack_delay` old and no send came for `ack_delay` (quiet); under
         steady load it waits up to `ack_patience` for a ride with the next
@@ -559,7 +558,7 @@ class Engine:
             self.cache.put(Record(plan.id, rev, plan.doc), plan.state_json)
             landed.append(plan)
             landed_revs[plan.id] = rev
-        if self.journal and landed:
+        if self.rules.journal and landed:
             self._confirm(landed, landed_revs)
         # Hand effects over before answering, so that a caller who has its answer
         # can rely on the listeners being under way (see `Casern.drain`).

@@ -149,19 +149,22 @@ def same(a: Any, b: Any) -> bool:
     return bool(a == b)
 
 
-_second: list[Any] = [None, ""]  # the last whole second formatted, and its text
+# The last whole second formatted, and its text: one tuple, swapped whole, so that
+# committers of several apps in one process never pair a second with another's text.
+_second: tuple[int, str] = (0, datetime.fromtimestamp(0, UTC).isoformat()[:19])
 
 
 def now_iso(at: float) -> str:
     """`at` as datetime.isoformat() writes it in UTC; the date part is formatted once a second."""
+    global _second
     whole = math.floor(at)
     micro = round((at - whole) * 1e6)
     if micro == 1_000_000:
         whole, micro = whole + 1, 0
-    if _second[0] != whole:
-        _second[1] = datetime.fromtimestamp(whole, UTC).isoformat()[:19]
-        _second[0] = whole
-    text: str = _second[1]
+    second, text = _second
+    if second != whole:
+        text = datetime.fromtimestamp(whole, UTC).isoformat()[:19]
+        _second = (whole, text)
     return f"{text}.{micro:06d}+00:00" if micro else f"{text}+00:00"
 
 
