@@ -80,6 +80,11 @@ def raw_sequential(
 ) -> None:
     db = raw_connect(path)
     rmw = raw_rmw_history if history else raw_rmw
+    if history:
+        db.execute(
+            "CREATE TABLE IF NOT EXISTS log (id TEXT NOT NULL, n INTEGER NOT NULL,"
+            " entry TEXT NOT NULL, PRIMARY KEY (id, n)) WITHOUT ROWID"
+        )
     try:
         for n in range(WARMUP):
             rmw(db, f"warm-{n % 5}", lambda s, n=n: reducer(None, s, {"i": n}))
@@ -93,11 +98,8 @@ def raw_rmw_history(
     db: sqlite3.Connection, id: str, reduce: Callable[[dict[str, Any]], dict[str, Any]]
 ) -> None:
     """`raw_rmw` plus what an app keeping an audit log would add: one history row per change,
-    in the same transaction, keyed (id, n) as casern's (the like-for-like baseline)."""
-    db.execute(
-        "CREATE TABLE IF NOT EXISTS log (id TEXT NOT NULL, n INTEGER NOT NULL,"
-        " entry TEXT NOT NULL, PRIMARY KEY (id, n)) WITHOUT ROWID"
-    )
+    in the same transaction, keyed (id, n) as casern's (the like-for-like baseline); the
+    `log` table is made by `raw_sequential`."""
     db.execute("BEGIN IMMEDIATE")
     try:
         row = db.execute("SELECT rev, doc FROM kv WHERE id = ?", (id,)).fetchone()
