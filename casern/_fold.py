@@ -43,6 +43,12 @@ __all__ = ["Fold", "Plan", "Rules", "load_state", "normalize", "same"]
 _log = logging.getLogger("casern")
 
 YEAR_5000 = datetime(5000, 1, 1, tzinfo=UTC).timestamp()  # due times beyond: milliseconds
+# Bytes of data an envelope carries for history waiting to move out (stores without
+# atomic history) and, apart, for the fork journal (stores that may fork); less under a
+# small document limit. Else a few sends with big data would fill the envelope past the
+# limit, and every later send to the id would be refused.
+DATA_BYTES = 64 * 1024
+_RECORD_BYTES = 100  # a history record's JSON beside its data, reducer name and key
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,12 +227,15 @@ class Fold:
         self.due: dict[str, float] = dict(doc.get("due", {}))
         self.fired: dict[str, float] = dict(doc.get("fired", {}))
         self.pending: list[Doc] = unpack(doc)
+        self.budget = min(DATA_BYTES, rules.limit // 8) if rules.limit else DATA_BYTES
         self.log: list[Doc] = list(doc.get("log", ()))
-        if rules.log_chunk and len(self.log) >= rules.log_chunk:
-            self.plan.flush_log, self.log = self.log, []
+        self.log_bytes: int = doc.get("log_bytes") or (len(dumps(self.log)) if self.log else 0)
+        if rules.log_chunk and self.log and self._log_full():
+            self.plan.flush_log, self.log, self.log_bytes = self.log, [], 0
         self.failed: list[Doc] = list(doc.get("failed", ()))
         self.ops: list[Doc] = list(doc.get("ops", ())) if rules.journal else []
         self.uids = {op["u"] for op in self.ops}
+        self.journaled = len(self.ops)  # those before this fold's actions
         self.changed = False  # the state changed: new seq(s)
         self.meta = False  # something else in the envelope changed
 
@@ -382,12 +391,16 @@ class Fold:
             "applied_at": now_iso(now),
             "version": rules.state_version,
         }
-        if rules.history:
-            (self.log if rules.log_chunk else self.plan.history).append(record)
+        if rules.history and rules.log_chunk:
+            self.log.append(record)
+            self.log_bytes += len(data_json) + len(name) + len(key or "") + _RECORD_BYTES
+        elif rules.history:
+            self.plan.history.append(record)
         uid = ""
         if rules.journal:
             uid = a.uid if fire is None else secrets.token_hex(8)
             op = {"u": uid, "seq": self.seq, "reducer": name, "data": data, "key": key}
+            op["b"] = len(data_json)  # see `_journal`
             if fire is not None:
                 op["fire"] = fire
             self.ops.append(op)
@@ -425,6 +438,7 @@ class Fold:
             doc["fired"] = self.fired
         if self.log:
             doc["log"] = self.log
+            doc["log_bytes"] = self.log_bytes
         if self.pending:
             self.pending.sort(key=lambda e: e["seq"])
             doc["pending"] = pack(self.pending, self.seq)
@@ -433,9 +447,36 @@ class Fold:
             doc["failed"] = self.failed
             doc["nfailed"] = len(self.failed)
         if self.ops:
-            doc["ops"] = self.ops[-rules.keep_keys :]
+            doc["ops"] = self._journal()
         self.plan.state_json = self.state_json if ok else dumps(doc["state"])
         return doc
+
+    def _log_full(self) -> bool:
+        """Time to move the envelope's history out: `log_chunk` entries, or `budget` bytes."""
+        rules = self.rules
+        if len(self.log) >= rules.log_chunk or self.log_bytes >= self.budget:
+            return True
+        return rules.limit is not None and self.log_bytes + len(self.state_json) >= rules.limit // 2
+
+    def _journal(self) -> list[Doc]:
+        """The newest `keep_keys` journaled actions; whole while their data fits `budget`.
+
+        A merge replays whole entries. This fold's own are always whole (should
+        this write fork, they are the ones to replay); older ones past the
+        budget keep only `u` and `seq`: enough to never apply a retried send twice.
+        """
+        ops = self.ops[-self.rules.keep_keys :]
+        older = len(ops) - (len(self.ops) - self.journaled)
+        total = 0
+        for i in range(len(ops) - 1, -1, -1):
+            op = ops[i]
+            if "reducer" not in op:
+                continue
+            size = op.get("b")
+            total += len(dumps(op.get("data"))) if size is None else size
+            if total > self.budget and i < older:
+                ops[i] = {"u": op["u"], "seq": op["seq"]}
+        return ops
 
     def _claim_stale(self) -> None:
         """Claim entries a dead process left pending, ahead of this fold's new changes.

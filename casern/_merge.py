@@ -3,7 +3,8 @@
 A replicated store (a CouchDB cluster) can fork an envelope: two writers on
 one revision each win on some replica, and both branches carry changes. On a
 store that may fork, every applied action leaves an entry with a unique id
-`u` in the envelope's journal (`ops`, the newest ones, bounded), and the
+`u` in the envelope's journal (`ops`, the newest ones, bounded; past a size
+only their ids, see `Fold._journal`), and the
 committer skips an action whose `u` is already there, so a send retried
 after a conflict is never applied twice.
 
@@ -32,13 +33,13 @@ def _uids(doc: Doc) -> set[str]:
     return {op["u"] for op in doc.get("ops", ())}
 
 
-def _missing(base: Record, others: list[Record]) -> list[Doc]:
+def _missing(base: Record, others: list[Record], *, report: bool = False) -> list[Doc]:
     """Journal entries of `others` that `base` has not applied, oldest first, once each.
 
     The journal is bounded: an entry older than the base's oldest one is shared
     history both branches had before they forked (its seq is the same on both),
     not a missing change. A fork older than the whole journal cannot be merged
-    safely and is reported.
+    safely: `report` logs it.
     """
     journal = base.doc.get("ops", ())
     have = _uids(base.doc)
@@ -47,7 +48,7 @@ def _missing(base: Record, others: list[Record]) -> list[Doc]:
     for leaf in others:
         ops = sorted(leaf.doc.get("ops", ()), key=lambda op: int(op["seq"]))
         truncated = oldest > 1 and ops and int(ops[0]["seq"]) > 1  # both journals cut
-        if truncated and not any(op["u"] in have for op in ops):
+        if report and truncated and not any(op["u"] in have for op in ops):
             log.error(
                 "a fork of %r is older than its journal of %d actions; the sibling's"
                 " changes after seq %d are replayed, older ones may be lost",
@@ -94,11 +95,18 @@ def replay(base: Record, others: list[Record]) -> tuple[Record, list[Doc]]:
     else:
         doc.pop("next_due", None)
         doc.pop("due", None)
-    ops = [
-        op
-        for op in _missing(base, others)
-        if not ("fire" in op and base.doc.get("fired", {}).get(op["reducer"]) == op["fire"])
-    ]
+    ops: list[Doc] = []
+    for op in _missing(base, others, report=True):
+        if "reducer" not in op:  # kept without its data (see `Fold._journal`)
+            log.error(
+                "a fork of %r: the sibling's change seq %d cannot be replayed, its data is"
+                " no longer in the journal (which keeps the newest actions' data up to a"
+                " size); it is lost in the merge",
+                base.id,
+                int(op["seq"]),
+            )
+        elif not ("fire" in op and base.doc.get("fired", {}).get(op["reducer"]) == op["fire"]):
+            ops.append(op)
     if ops:
         log.warning(
             "merged a fork of %r: %d action(s) of %d sibling revision(s) replayed",

@@ -10,6 +10,7 @@ fails that id's actions only.
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import threading
 import time
@@ -235,6 +236,27 @@ def test_an_envelope_over_the_limit_fails_only_its_own_id(
     assert app.drain(timeout=60)
     assert app.get("m") == committed[-1]
     assert [h["seq"] for h in app.history("m")] == list(range(1, len(committed) + 1))
+
+
+def test_many_sends_with_big_data_never_fill_the_envelope(
+    make_app: MakeApp, store_url: str
+) -> None:
+    # Each send fits. A store without atomic history (CouchDB) keeps the newest
+    # history records in the envelope until they move out: by size too, else
+    # the 9th send here was refused, and every later one with it.
+    def count(preferences: Any, state: dict[str, Any], data: Any) -> dict[str, Any]:
+        return {"n": state.get("n", 0) + 1}
+
+    app = make_app({"count": count}, store=limited(store_url, 200_000))
+    blob = "x" * 20_000
+    for i in range(30):
+        assert app.send("count", "m", {"i": i, "blob": blob}) == {"n": i + 1}
+    history = app.history("m")
+    assert [(h["seq"], h["data"]) for h in history] == [
+        (i + 1, {"i": i, "blob": blob}) for i in range(30)
+    ]
+    rec = app.store.get("m")
+    assert rec is not None and len(json.dumps(rec.doc)) < 100_000
 
 
 def test_pending_changes_keep_each_state_once_and_listeners_still_get_prev_and_state(
