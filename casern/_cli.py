@@ -628,7 +628,7 @@ def _work(app: Casern, once: bool, grace: float) -> None:
             if under_way:
                 log.info(
                     "waiting up to %gs for the listeners of %d change(s) under way (Ctrl-C"
-                    " again to leave them: the next worker delivers them)",
+                    " or SIGTERM again to leave them: the next worker delivers them)",
                     grace,
                     under_way,
                 )
