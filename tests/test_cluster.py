@@ -90,7 +90,9 @@ def _run_all(workers: list[threading.Thread]) -> None:
         t.join()
 
 
-def _settle(cluster: ApacheCouch, db: str, ids: list[str], seen: Seen) -> None:
+def _settle(
+    cluster: ApacheCouch, db: str, ids: list[str], seen: Seen, reducers: Any = None
+) -> None:
     """Run worker ticks until no id has a sibling or an undelivered change (bounded).
 
     A write the cluster refused may still have landed on one replica: that sibling
@@ -99,7 +101,8 @@ def _settle(cluster: ApacheCouch, db: str, ids: list[str], seen: Seen) -> None:
     still in the outbox, and the tick delivers it, as after a crash.
     """
     url = f"{cluster.url}/{db}"
-    with casern.Casern(url, {}, {}, {"inc": inc}, {"seen": seen}, redeliver_after=0.2) as app:
+    reducers = reducers or {"inc": inc}
+    with casern.Casern(url, {}, {}, reducers, {"seen": seen}, redeliver_after=0.2) as app:
         for _ in range(100):
             docs = [_raw(f"{url}/{id}?conflicts=true") for id in ids]
             forks = [_leaves(url, id) for id in ids]
@@ -111,10 +114,12 @@ def _settle(cluster: ApacheCouch, db: str, ids: list[str], seen: Seen) -> None:
         pytest.fail(f"forks or undelivered changes left: {docs}")
 
 
-def _check_one_counter(cluster: ApacheCouch, db: str, id: str, sent: int, seen: Seen) -> None:
+def _check_one_counter(
+    cluster: ApacheCouch, db: str, id: str, sent: int, seen: Seen, reducers: Any = None
+) -> None:
     """Exact count, gapless seq, history = state, no fork left, one change per (id, seq)."""
-    _settle(cluster, db, [id], seen)
-    with casern.Casern(f"{cluster.url}/{db}", {}, {}, {"inc": inc}, {}) as app:
+    _settle(cluster, db, [id], seen, reducers)
+    with casern.Casern(f"{cluster.url}/{db}", {}, {}, reducers or {"inc": inc}, {}) as app:
         assert app.get(id) == {"n": sent}
         history = app.history(id)
         assert [e["seq"] for e in history] == list(range(1, sent + 1))
@@ -144,6 +149,35 @@ def test_two_processes_on_two_nodes_lose_no_update_on_one_id(cluster: ApacheCouc
     for app in apps:
         assert app.drain(60)
     _check_one_counter(cluster, db, "counter", len(apps) * threads * sends, seen)
+    for app in apps:
+        app.close()
+
+
+def count(preferences: Any, state: dict[str, Any], data: Any) -> dict[str, Any]:
+    return {"n": state.get("n", 0) + 1}
+
+
+def test_sends_with_big_data_on_two_nodes_lose_no_update(cluster: ApacheCouch) -> None:
+    """The journal keeps only the newest 64 KiB of data whole: forks still merge exactly."""
+    db, seen = fresh_db_name(), Seen()
+    urls = cluster.urls()
+    apps = [
+        casern.Casern(f"{urls[i]}/{db}", {}, {}, {"inc": count}, {"seen": seen}) for i in (0, 1)
+    ]
+    blob = "x" * 30_000  # two actions' data fill the journal's budget
+    threads, sends = 2, 15
+
+    def writer(app: casern.Casern) -> None:
+        for i in range(sends):
+            app.send("inc", "counter", {"i": i, "blob": blob})
+
+    _run_all([threading.Thread(target=writer, args=(a,)) for a in apps for _ in range(threads)])
+    for app in apps:
+        assert app.drain(60)
+    sent = len(apps) * threads * sends
+    _check_one_counter(cluster, db, "counter", sent, seen, {"inc": count})
+    doc = _raw(f"{cluster.url}/{db}/counter")
+    assert len(json.dumps(doc)) < 300_000, "the envelope stays small"
     for app in apps:
         app.close()
 
