@@ -3,10 +3,10 @@
 A replicated store (a CouchDB cluster) can fork an envelope: two writers on
 one revision each win on some replica, and both branches carry changes. On a
 store that may fork, every applied action leaves an entry with a unique id
-`u` in the envelope's journal (`ops`, the newest ones, bounded; past a size
-only their ids, see `Fold._journal`), and the
-committer skips an action whose `u` is already there, so a send retried
-after a conflict is never applied twice.
+`u` in the envelope's journal (`ops`: the newest ones, bounded; past a size
+of data only their ids, see `Fold._journal`), and the committer skips an
+action whose `u` is already there, so a send retried after a conflict is
+never applied twice.
 
 A merge keeps one leaf as the base and replays, through the reducers (they
 are pure, so replaying is safe), every journaled action of the other leaves
