@@ -633,7 +633,7 @@ def test_a_second_ctrl_c_leaves_the_listeners_under_way_and_exits_at_once(
         seen = []  # kept for the messages below: communicate() returns only the rest
         while time.monotonic() < deadline and (line := proc.stderr.readline()):
             seen.append(line)
-            if "Ctrl-C again" in line:
+            if "again to leave them" in line:
                 break
         proc.send_signal(stop)  # before: ignored if SIGINT was, SIGTERM killed it outright
         again = time.monotonic()
