@@ -34,7 +34,7 @@ from . import _telemetry
 from ._actions import ACK, CHECK, CLAIM, FIRE, MIGRATE, RETRY, SEND, UNPARSED, Action, Delivery
 from ._errors import InvalidState, ReducerError, UpgradeError
 from ._json import Refusal, dumps, encodable, to_json
-from ._outbox import pack, unpack
+from ._outbox import pack, pack_failed, unpack, unpack_failed
 from ._types import Reducer, Timer, Upgrade
 from .stores.base import Doc, Record
 
@@ -232,7 +232,7 @@ class Fold:
         self.log_bytes: int = doc.get("log_bytes") or (len(dumps(self.log)) if self.log else 0)
         if rules.log_chunk and self.log and self._log_full():
             self.plan.flush_log, self.log, self.log_bytes = self.log, [], 0
-        self.failed: list[Doc] = list(doc.get("failed", ()))
+        self.failed: list[Doc] = unpack_failed(doc)
         self.ops: list[Doc] = list(doc.get("ops", ())) if rules.journal else []
         self.uids = {op["u"] for op in self.ops}
         self.journaled = len(self.ops)  # those before this fold's actions
@@ -444,7 +444,7 @@ class Fold:
             doc["pending"] = pack(self.pending, self.seq)
             doc["pending_since"] = self._pending_since()
         if self.failed:
-            doc["failed"] = self.failed
+            doc["failed"] = pack_failed(self.failed, self.seq)
             doc["nfailed"] = len(self.failed)
         if self.ops:
             doc["ops"] = self._journal()
