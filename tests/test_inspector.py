@@ -325,6 +325,29 @@ def test_machine_page_shows_state_timers_and_the_timeline_diff(
     )
 
 
+def test_a_timeline_of_big_values_shows_their_start_and_the_api_all_of_them(
+    web: Callable[..., Web], make_app: Callable[..., casern.Casern]
+) -> None:
+    # Each change of a 100 KB field showed its data, old and new value whole:
+    # 300 KB a change, 30 MB for the 100 changes a page shows, reloaded every
+    # 3 s with the Live box ticked.
+    app = make_app({"set": status_reducer})
+    w = web(app)
+    for i in range(10):
+        app.send("set", "doc", {"body": str(i) * 100_000})
+    page = w.get("/machines/doc")
+    assert page.status == 200
+    assert page.text.count('class="event"') == 10
+    assert page.text.count("9" * 100_000) == 1  # the state, whole
+    assert len(page.text) < 100_000 + 50_000
+    assert "characters in all" in page.text
+    history = w.get("/api/machines/doc/history").json()["history"]
+    assert [h["data"] for h in history] == [{"body": str(i) * 100_000} for i in range(10)]
+    assert history[-1]["diff"] == [
+        {"path": "body", "op": "change", "old": "8" * 100_000, "new": "9" * 100_000}
+    ]
+
+
 # -- failed deliveries and retry ---------------------------------------------------------
 
 
