@@ -258,6 +258,8 @@ class Fold:
                 for i, (a, r) in enumerate(plan.results):
                     if a.kind == SEND and not isinstance(r, BaseException):
                         plan.results[i] = (a, e)
+                if any(a.kind == FIRE for a in actions):
+                    return self._consume_due(actions, plan.results, e)
                 return Plan(self.id, plan.rev, None, actions, plan.results)
         if self.changed and self.rules.redeliver_after is not None and plan.deliveries:
             self._claim_stale()
@@ -417,6 +419,37 @@ class Fold:
             self.keys.append(key)
         self.state, self.state_json = new_state, new_json
         return new_json
+
+    def _consume_due(
+        self, actions: list[Action], results: list[tuple[Action, Any]], error: ReducerError
+    ) -> Plan:
+        """A fired timer's change could not be scheduled: consume its due time all the same.
+
+        A due time fires once, as when its reducer raises; else it stayed due and
+        fired again on every tick. A fresh fold of the stored envelope applies no
+        change: sends get `error`, fires only consume, the rest runs as usual.
+        """
+        _log.error("timer of %r fired, but its change is not applied: %s", self.id, error)
+        rec = None if self.plan.rev is None else Record(self.id, self.plan.rev, self.doc)
+        fold = Fold(self.rules, self.id, rec, force=self.force)
+        fold.plan.actions = actions
+        now = time.time()
+        for a, (_, answer) in zip(actions, results, strict=True):  # one answer per action
+            if a.kind == SEND:
+                fold.plan.results.append((a, answer))
+            elif a.kind == FIRE:
+                due = min(now, a.now) if a.now is not None else now
+                for name, at in list(fold.due.items()):
+                    if at <= due:
+                        del fold.due[name]
+                        fold.fired[name] = at
+                        fold.meta = True
+                fold.plan.results.append((a, None))
+            else:
+                _KINDS[a.kind](fold, a, now)
+        if fold.meta or fold.force:
+            fold.plan.doc = fold._document()
+        return fold.plan
 
     # -- after the actions ------------------------------------------------------------
 
