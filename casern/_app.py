@@ -64,6 +64,7 @@ logging.getLogger(f"apscheduler.executors.{_EXECUTOR}").setLevel(logging.WARNING
 
 MAX_KEY_LENGTH = 1024
 _HISTORY_FIELDS = ("seq", "reducer", "data", "key", "applied_at", "version")
+_FAILED_READ = 25  # envelopes failed() reads at once
 _FAILED_FIELDS = ("id", "seq", "listener", "error", "attempts", "reducer", "applied_at")
 
 
@@ -355,11 +356,17 @@ class Casern:
     def failed(self, limit: int = 10_000) -> list[dict[str, Any]]:
         """Deliveries that exhausted their retries: id, seq, listener, error, attempts."""
         self._check_open()
-        ids = self.store.failed(limit)
+        ids = sorted(self.store.failed(limit))
         out: list[dict[str, Any]] = []
-        for id, rec in sorted(self.store.get_many(ids).items()):
-            for f in rec.doc.get("failed", ()):
-                out.append({k: (id if k == "id" else f.get(k)) for k in _FAILED_FIELDS})
+        # A few envelopes at a time: each holds a whole state (and the failed
+        # changes' states), and only a few fields of it are wanted.
+        for start in range(0, len(ids), _FAILED_READ):
+            found = self.store.get_many(ids[start : start + _FAILED_READ])
+            for id, rec in sorted(found.items()):
+                for f in rec.doc.get("failed", ()):
+                    out.append({k: (id if k == "id" else f.get(k)) for k in _FAILED_FIELDS})
+            if len(out) >= limit:
+                break
         return out[:limit]
 
     def retry(self, id: str | None = None) -> int:

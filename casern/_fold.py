@@ -34,7 +34,7 @@ from . import _telemetry
 from ._actions import ACK, CHECK, CLAIM, FIRE, MIGRATE, RETRY, SEND, UNPARSED, Action, Delivery
 from ._errors import InvalidState, ReducerError, UpgradeError
 from ._json import Refusal, dumps, encodable, to_json
-from ._outbox import pack, unpack
+from ._outbox import pack, pack_failed, unpack, unpack_failed
 from ._types import Reducer, Timer, Upgrade
 from .stores.base import Doc, Record
 
@@ -232,7 +232,7 @@ class Fold:
         self.log_bytes: int = doc.get("log_bytes") or (len(dumps(self.log)) if self.log else 0)
         if rules.log_chunk and self.log and self._log_full():
             self.plan.flush_log, self.log, self.log_bytes = self.log, [], 0
-        self.failed: list[Doc] = list(doc.get("failed", ()))
+        self.failed: list[Doc] = unpack_failed(doc)
         self.ops: list[Doc] = list(doc.get("ops", ())) if rules.journal else []
         self.uids = {op["u"] for op in self.ops}
         self.journaled = len(self.ops)  # those before this fold's actions
@@ -258,6 +258,8 @@ class Fold:
                 for i, (a, r) in enumerate(plan.results):
                     if a.kind == SEND and not isinstance(r, BaseException):
                         plan.results[i] = (a, e)
+                if any(a.kind == FIRE for a in actions):
+                    return self._consume_due(actions, plan.results, e)
                 return Plan(self.id, plan.rev, None, actions, plan.results)
         if self.changed and self.rules.redeliver_after is not None and plan.deliveries:
             self._claim_stale()
@@ -418,6 +420,37 @@ class Fold:
         self.state, self.state_json = new_state, new_json
         return new_json
 
+    def _consume_due(
+        self, actions: list[Action], results: list[tuple[Action, Any]], error: ReducerError
+    ) -> Plan:
+        """A fired timer's change could not be scheduled: consume its due time all the same.
+
+        A due time fires once, as when its reducer raises; else it stayed due and
+        fired again on every tick. A fresh fold of the stored envelope applies no
+        change: sends get `error`, fires only consume, the rest runs as usual.
+        """
+        _log.error("timer of %r fired, but its change is not applied: %s", self.id, error)
+        rec = None if self.plan.rev is None else Record(self.id, self.plan.rev, self.doc)
+        fold = Fold(self.rules, self.id, rec, force=self.force)
+        fold.plan.actions = actions
+        now = time.time()
+        for a, (_, answer) in zip(actions, results, strict=True):  # one answer per action
+            if a.kind == SEND:
+                fold.plan.results.append((a, answer))
+            elif a.kind == FIRE:
+                due = min(now, a.now) if a.now is not None else now
+                for name, at in list(fold.due.items()):
+                    if at <= due:
+                        del fold.due[name]
+                        fold.fired[name] = at
+                        fold.meta = True
+                fold.plan.results.append((a, None))
+            else:
+                _KINDS[a.kind](fold, a, now)
+        if fold.meta or fold.force:
+            fold.plan.doc = fold._document()
+        return fold.plan
+
     # -- after the actions ------------------------------------------------------------
 
     def _document(self) -> Doc:
@@ -444,7 +477,7 @@ class Fold:
             doc["pending"] = pack(self.pending, self.seq)
             doc["pending_since"] = self._pending_since()
         if self.failed:
-            doc["failed"] = self.failed
+            doc["failed"] = pack_failed(self.failed, self.seq)
             doc["nfailed"] = len(self.failed)
         if self.ops:
             doc["ops"] = self._journal()

@@ -196,6 +196,25 @@ def test_ids_that_must_be_refused_are(make_app: Any) -> None:
             app.send("inc", refused)
 
 
+@pytest.mark.parametrize("char", ["é", "🙂"])
+def test_the_longest_unicode_ids_work_in_history_and_listings(make_app: Any, char: str) -> None:
+    # 1,024 characters is allowed whatever they are. On CouchDB, history and
+    # ids(prefix=, after=) put the id into the URL, JSON-escaped and then
+    # percent-encoded (up to 32 KB): Apache CouchDB answered 400 and
+    # pouchdb-server 431, raised as StoreUnavailable.
+    app = make_app()
+    long = char * 1024
+    ids = [long, char * 1023 + "z", "a"]
+    for id in ids:
+        app.send("inc", id, {"i": 1})
+        app.send("inc", id, {"i": 2})
+    assert [h["data"] for h in app.history(long)] == [{"i": 1}, {"i": 2}]
+    assert [h["seq"] for h in app.history(long, after=1)] == [2]
+    assert app.ids(prefix=long) == [long]
+    assert app.ids(prefix=char * 1023) == sorted(ids[:2])
+    assert app.ids(after=long) == [i for i in sorted(ids) if i > long]
+
+
 def test_a_state_written_by_newer_code_raises_upgrade_error(make_app: Any) -> None:
     new = make_app(state_version=3)
     new.send("inc", "a")

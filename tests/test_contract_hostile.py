@@ -304,6 +304,51 @@ def test_pending_changes_keep_each_state_once_and_listeners_still_get_prev_and_s
     assert second[-1] == (4, {"v": big["c"]}, {"v": big["d"]})
 
 
+def test_failed_deliveries_keep_each_state_once_and_retry_still_gets_prev_and_state(
+    make_app: MakeApp, store_url: str
+) -> None:
+    # Two listeners that fail on every change of a machine with 20 KB states.
+    # Each failure record held the change's data, prev and state, per listener:
+    # 80 KB a change, so the 5th change's failures no longer fit this 400 KB
+    # envelope, its acknowledgement was refused and the machine was stuck.
+    down = {"on": True}
+    seen: list[tuple[str, int, Any, Any, Any]] = []
+
+    def listener(name: str) -> Callable[[casern.Change], None]:
+        def call(change: casern.Change) -> None:
+            if down["on"]:
+                raise ConnectionError("the mail server is down")
+            seen.append((name, change.seq, change.data, change.prev, change.state))
+
+        return call
+
+    def fill(preferences: Any, state: dict[str, Any], data: Any) -> dict[str, Any]:
+        return {"v": str(data) * 20_000}
+
+    app = make_app(
+        {"fill": fill},
+        {"a": listener("a"), "b": listener("b")},
+        store=limited(store_url, 400_000),
+        backoff=casern.Backoff(attempts=1, initial=0.01, timeout=5),
+    )
+    for i in range(8):
+        app.send("fill", "m", i)
+        assert app.drain(10)
+    assert sorted((f["seq"], f["listener"]) for f in app.failed()) == [
+        (seq, name) for seq in range(1, 9) for name in "ab"
+    ]
+    rec = app.store.get("m")
+    assert rec is not None and len(dumps(rec.doc)) < 9 * 20_000 + 10_000  # each state once
+    down["on"] = False
+    assert app.retry("m") == 16
+    assert app.drain(10)
+    state = [{}] + [{"v": str(i) * 20_000} for i in range(8)]
+    expected = [(seq, seq - 1, state[seq - 1], state[seq]) for seq in range(1, 9)]
+    for name in "ab":
+        assert [(s, d, p, st) for n, s, d, p, st in seen if n == name] == expected
+    assert app.failed() == []
+
+
 @pytest.mark.couchdb
 def test_couchdb_reads_its_document_limit_from_the_server(couchdb_base_url: str) -> None:
     store = CouchDBStore(fresh_couch_db(couchdb_base_url))

@@ -120,6 +120,36 @@ def test_a_timers_function_that_raises_refuses_the_send(make_app: Any) -> None:
     assert app.get("a") is None
 
 
+def test_a_timers_function_that_raises_on_a_fired_change_still_consumes_the_due_time(
+    make_app: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The timer's change cannot be scheduled, so it is not applied; the due time
+    # stayed, and fired again on every tick, for good, without a log line.
+    calls: list[Any] = []
+
+    def wake_once(p: Any, s: dict[str, Any], d: Any) -> dict[str, Any]:
+        calls.append(d)
+        return {**s, "woke": True}
+
+    def broken_after_waking(p: Any, s: dict[str, Any]) -> float | None:
+        if s.get("woke"):
+            raise KeyError("remind_at")
+        return wake_at(p, s)
+
+    app = make_app({"remind": remind, "wake": wake_once}, timers={"wake": broken_after_waking})
+    app.send("remind", "a", {"at": time.time(), "in": -1})
+    with caplog.at_level("ERROR", logger="casern"):
+        app.run_once()
+        assert app.run_once() == 0  # consumed: fired once
+        app.run_once()
+    assert len(calls) == 1
+    assert "woke" not in app.get("a")  # the change it could not schedule is not applied
+    assert any("timers function 'wake'" in r.getMessage() for r in caplog.records)
+    app.send("remind", "a", {"at": time.time(), "in": -1})  # a new due time fires again
+    app.run_once()
+    assert len(calls) == 2
+
+
 async def _astart_and_wait(app: Any) -> None:
     import asyncio
 

@@ -325,6 +325,29 @@ def test_machine_page_shows_state_timers_and_the_timeline_diff(
     )
 
 
+def test_a_timeline_of_big_values_shows_their_start_and_the_api_all_of_them(
+    web: Callable[..., Web], make_app: Callable[..., casern.Casern]
+) -> None:
+    # Each change of a 100 KB field showed its data, old and new value whole:
+    # 300 KB a change, 30 MB for the 100 changes a page shows, reloaded every
+    # 3 s with the Live box ticked.
+    app = make_app({"set": status_reducer})
+    w = web(app)
+    for i in range(10):
+        app.send("set", "doc", {"body": str(i) * 100_000})
+    page = w.get("/machines/doc")
+    assert page.status == 200
+    assert page.text.count('class="event"') == 10
+    assert page.text.count("9" * 100_000) == 1  # the state, whole
+    assert len(page.text) < 100_000 + 50_000
+    assert "characters in all" in page.text
+    history = w.get("/api/machines/doc/history").json()["history"]
+    assert [h["data"] for h in history] == [{"body": str(i) * 100_000} for i in range(10)]
+    assert history[-1]["diff"] == [
+        {"path": "body", "op": "change", "old": "8" * 100_000, "new": "9" * 100_000}
+    ]
+
+
 # -- failed deliveries and retry ---------------------------------------------------------
 
 
@@ -679,3 +702,37 @@ def test_diff_names_each_changed_path() -> None:
     assert diff({"a": {"b": 1}}, {"a": "text"}) == [
         {"path": "a", "op": "change", "old": {"b": 1}, "new": "text"}
     ]
+
+
+def test_the_timeline_of_a_long_chat_compares_each_change_once(
+    make_app: Callable[..., casern.Casern], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A chat that appends each message to its state: the diff of change n looked
+    # into all n - 1 earlier messages again, so a machine page of a 1,000-message
+    # chat took 13 s (quadratic), and the Live box asked for it every 3 s.
+    from casern.inspector import _diff, _timeline
+
+    def message(preferences: Any, state: dict[str, Any], data: Any) -> dict[str, Any]:
+        return {**state, "msgs": [*state.get("msgs", []), data]}
+
+    app = make_app({"message": message})
+    n = 200
+    for i in range(n):
+        app.send("message", "chat", {"i": i, "text": "hello"})
+    calls = [0]
+    real = _diff.diff
+
+    def counted(*args: Any) -> Any:
+        calls[0] += 1
+        return real(*args)
+
+    monkeypatch.setattr(_diff, "diff", counted)
+    monkeypatch.setattr(_timeline, "diff", counted)
+    line = _timeline.timeline(app, "chat", app.get("chat"))
+    assert line.note is None
+    assert [e["diff"] for e in line.entries] == [
+        [{"path": "msgs", "op": "add", "new": [{"i": 0, "text": "hello"}]}]
+    ] + [
+        [{"path": f"msgs[{i}]", "op": "add", "new": {"i": i, "text": "hello"}}] for i in range(1, n)
+    ]
+    assert calls[0] <= 5 * n  # a few per change, not one per earlier message

@@ -12,6 +12,8 @@ import json
 import re
 from typing import Any
 
+from .._fold import same
+
 __all__ = ["diff", "format_path"]
 
 _NAME = re.compile(r"[A-Za-z_$][A-Za-z0-9_$-]*\Z")
@@ -33,12 +35,19 @@ def format_path(path: Path) -> str:
 
 
 def _same(a: Any, b: Any) -> bool:
-    # JSON equality: true is not 1, 1 is not "1".
-    return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+    # JSON equality: true is not 1, 1 is not "1"; `==` first, it fails fast in C.
+    return bool(a == b) and same(a, b)
 
 
 def diff(old: Any, new: Any, path: Path = ()) -> list[dict[str, Any]]:
-    """Changes from `old` to `new`: dicts with `path`, `op` (add, remove, change), `old`, `new`."""
+    """Changes from `old` to `new`: dicts with `path`, `op` (add, remove, change), `old`, `new`.
+
+    Equal parts are not walked: a timeline diffs every change of a machine, and
+    a state that grows by appending (a chat's messages) would cost each change
+    a look at everything appended before.
+    """
+    if _same(old, new):
+        return []
     if isinstance(old, dict) and isinstance(new, dict):
         out: list[dict[str, Any]] = []
         for key in old:
@@ -50,17 +59,18 @@ def diff(old: Any, new: Any, path: Path = ()) -> list[dict[str, Any]]:
             if key not in old:
                 out.append({"path": format_path((*path, key)), "op": "add", "new": new[key]})
         return out
-    if isinstance(old, list) and isinstance(new, list) and not _same(old, new):
+    if isinstance(old, list) and isinstance(new, list):
         n = min(len(old), len(new))
-        if len(old) == len(new) or _same(old[:n], new[:n]):
+        if len(old) == len(new):
             out = []
             for i in range(n):
                 out += diff(old[i], new[i], (*path, i))
+            return out
+        if _same(old[:n], new[:n]):  # items appended or dropped at the end
+            out = []
             for i in range(n, len(new)):
                 out.append({"path": format_path((*path, i)), "op": "add", "new": new[i]})
             for i in range(n, len(old)):
                 out.append({"path": format_path((*path, i)), "op": "remove", "old": old[i]})
             return out
-    if _same(old, new):
-        return []
     return [{"path": format_path(path), "op": "change", "old": old, "new": new}]

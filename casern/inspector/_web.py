@@ -39,6 +39,7 @@ HERE = Path(__file__).parent
 PAGE = 50  # ids per page of the machines list
 API_LIMIT = 1000  # the most ids one API call returns
 TIMELINE = 100  # newest changes a machine page shows before "show all"
+SHOWN = 1000  # characters of one value a timeline shows
 
 AppSource = Casern | Callable[[], Casern]
 
@@ -51,7 +52,15 @@ def _pretty(value: Any) -> str:
 
 
 def _compact(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False, separators=(", ", ": "))
+    """A timeline's value on one line, cut after SHOWN characters.
+
+    A page shows 100 changes, each with its data and its diff's old and new
+    values: whole, a 100 KB field made a 30 MB page. The API has all of it.
+    """
+    text = json.dumps(value, ensure_ascii=False, separators=(", ", ": "))
+    if len(text) <= SHOWN:
+        return text
+    return f"{text[:SHOWN]} … ({len(text):,} characters in all; the JSON API has them)"
 
 
 def _epoch(value: float | str | None) -> float | None:

@@ -219,8 +219,9 @@ def refuse_envelope(id: str, problem: str) -> InvalidState:
     """Why a store cannot hold one envelope; the other writes of the batch go on."""
     return InvalidState(
         f"the envelope of {id!r:.80} {problem}: it holds the state and, for each change whose"
-        " listeners have not run yet, that change's data, prev and state; keep states and data"
-        " smaller (big data elsewhere, a reference in the state)"
+        " listeners have not run yet or gave up (app.failed(): fix the listener, then retry),"
+        " that change's data, prev and state; keep states and data smaller (big data"
+        " elsewhere, a reference in the state)"
     )
 
 
