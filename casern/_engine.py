@@ -158,6 +158,7 @@ class Engine:
         self._tiebreak = 0
         self._acks: OrderedDict[str, tuple[set[int], list[Doc], float]] = OrderedDict()
         self._sweeping = False  # a flush asked for every deferred ack to be written
+        self._acks_writing = 0  # acks taken into a batch not yet processed (see `_take`)
         self._last_send = -math.inf  # time.monotonic() of the newest send queued
         self._on_exit: list[Callable[[], None]] = []
         self._exited = False
@@ -268,7 +269,11 @@ class Engine:
             except TimeoutError:
                 return False
             with self._lock:
-                unwritten = bool(self._acks) or any(a.kind == ACK for _, _, a in self._retries)
+                unwritten = (
+                    bool(self._acks)
+                    or self._acks_writing > 0
+                    or any(a.kind == ACK for _, _, a in self._retries)
+                )
             if not unwritten:
                 return True
             if deadline is not None and time.monotonic() >= deadline:
@@ -366,6 +371,11 @@ class Engine:
                         for a in batch:
                             if not a.future.done():
                                 a.future.set_exception(error)
+                    finally:  # written, or back in `_acks` or `_retries` for another try
+                        acks = sum(1 for a in batch if a.kind == ACK)
+                        if acks:
+                            with self._lock:
+                                self._acks_writing -= acks
                 for a in flushes:
                     a.future.set_result(None)
                 if not (batch or flushes):
@@ -396,26 +406,34 @@ class Engine:
                 if len(batch) >= MAX_BATCH:
                     break
                 batch.append(heapq.heappop(self._retries)[2])
-            if not self._acks:
-                return batch, flushes
-            # Acknowledgements ride along with the next write of their id, or go
-            # out in a sweep when due (see `_due`), or on flush.
-            ids = {a.id for a in batch}
-            for id in ids & self._acks.keys():
-                batch.append(self._ack_action(id))
-            # A flush sweeps every deferred ack, batch after batch, not just one batch.
-            self._sweeping = self._sweeping or bool(flushes)
-            sweep = stopping or self._sweeping
-            room = MAX_BATCH  # beside the sends: a full queue must not starve the acks
-            while self._acks and room > 0:
-                room -= 1
-                id, (_, _, since) = next(iter(self._acks.items()))
-                if not (sweep or self._due(since) <= now):
-                    break  # acks are in arrival order: the rest are younger
-                batch.append(self._ack_action(id))
-            if not self._acks:
-                self._sweeping = False
+            if self._acks:
+                self._take_acks(batch, bool(flushes), now, stopping)
+            # Taken acknowledgements are unwritten until `_lead` has processed the
+            # batch: `flush` must not report them written meanwhile.
+            self._acks_writing += sum(1 for a in batch if a.kind == ACK)
         return batch, flushes
+
+    def _take_acks(self, batch: list[Action], flush: bool, now: float, stopping: bool) -> None:
+        """Add the deferred acks that go out now to `batch` (the lock is held).
+
+        Acknowledgements ride along with the next write of their id, or go out
+        in a sweep when due (see `_due`), or on flush.
+        """
+        ids = {a.id for a in batch}
+        for id in ids & self._acks.keys():
+            batch.append(self._ack_action(id))
+        # A flush sweeps every deferred ack, batch after batch, not just one batch.
+        self._sweeping = self._sweeping or flush
+        sweep = stopping or self._sweeping
+        room = MAX_BATCH  # beside the sends: a full queue must not starve the acks
+        while self._acks and room > 0:
+            room -= 1
+            id, (_, _, since) = next(iter(self._acks.items()))
+            if not (sweep or self._due(since) <= now):
+                break  # acks are in arrival order: the rest are younger
+            batch.append(self._ack_action(id))
+        if not self._acks:
+            self._sweeping = False
 
     def _overdue(self) -> bool:
         """Work the committer thread must see: retries, or a due acknowledgement sweep.

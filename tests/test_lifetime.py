@@ -45,6 +45,32 @@ def test_drain_is_true_only_once_every_failure_record_is_written(
     assert app.store.pending(time.time() + 60, 10_000) == []
 
 
+def test_drain_waits_for_the_acknowledgements_being_written_right_now(
+    make_app: Callable[..., casern.Casern],
+) -> None:
+    """A flush writes 500 acknowledgements a batch: with 600 deferred, it answered after
+    the first batch while the committer was still writing the second."""
+
+    def always_fails(change: casern.Change) -> None:
+        raise KeyError("chat_id")
+
+    app = make_app(listeners={"l": always_fails}, backoff=casern.Backoff(attempts=1))
+    app._engine.ack_delay = app._engine.ack_patience = 600.0  # deferred until the flush
+    ids = [f"u{i}" for i in range(600)]
+    for id in ids:
+        app.send("inc", id)
+    assert app._dispatcher.wait_idle(120)
+    put_many = app.store.put_many
+
+    def slow_put_many(writes: Any) -> Any:
+        time.sleep(0.2)  # the second batch is still being written when the first is answered
+        return put_many(writes)
+
+    app.store.put_many = slow_put_many  # type: ignore[method-assign]
+    assert app.drain(timeout=120)
+    assert len(app.failed()) == len(ids)
+
+
 def test_close_returns_within_its_timeout_and_leaves_the_rest_pending(
     make_app: Callable[..., casern.Casern],
 ) -> None:
