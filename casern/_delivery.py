@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from . import _telemetry
+from . import _telemetry, _waits
 from ._actions import Delivery
 from ._backoff import Backoff
 from ._change import Change
@@ -197,7 +197,7 @@ class Dispatcher:
 
     def wait_idle(self, timeout: float | None) -> bool:
         with self._idle:
-            return self._idle.wait_for(lambda: self._jobs == 0, timeout)
+            return _waits.wait_for(self._idle, lambda: self._jobs == 0, timeout)
 
     def stop(self, timeout: float) -> None:
         """Let running deliveries finish for up to `timeout`, then abandon the rest.

@@ -23,7 +23,7 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from typing import Any
 
-from . import _fold, _merge, _telemetry
+from . import _fold, _merge, _telemetry, _waits
 from ._actions import (
     ACK,
     CHECK,
@@ -253,7 +253,7 @@ class Engine:
     def wait_idle(self, timeout: float | None) -> bool:
         """Block until no submitted action is unresolved."""
         with self._idle:
-            return self._idle.wait_for(lambda: self._outstanding == 0, timeout)
+            return _waits.wait_for(self._idle, lambda: self._outstanding == 0, timeout)
 
     def flush(self, timeout: float | None = None) -> bool:
         """Write every deferred acknowledgement now; True once none is left unwritten.
@@ -265,7 +265,7 @@ class Engine:
         while True:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
-                self.submit(Action(FLUSH, "", Future())).result(left)
+                _waits.result(self.submit(Action(FLUSH, "", Future())), left)
             except TimeoutError:
                 return False
             with self._lock:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import _thread
 import asyncio
 import gc
 import os
@@ -69,6 +70,27 @@ def test_drain_waits_for_the_acknowledgements_being_written_right_now(
     app.store.put_many = slow_put_many  # type: ignore[method-assign]
     assert app.drain(timeout=120)
     assert len(app.failed()) == len(ids)
+
+
+def test_ctrl_c_while_drain_waits_for_a_listener_is_not_held_until_it_ends(
+    make_app: Callable[..., casern.Casern],
+) -> None:
+    """A Ctrl-C whose handler is pending while the main thread waits (as when the signal
+    came just as the wait began) used to be handled only when the listener ended."""
+    release = threading.Event()
+    app = make_app(listeners={"slow": lambda c: release.wait(30)})
+    app.send("inc", "a")
+    ends = threading.Timer(8, release.set)  # the listener's end, if nothing else came first
+    ends.start()
+    # interrupt_main: the handler runs at the main thread's next bytecode, no wake-up.
+    threading.Timer(0.3, _thread.interrupt_main).start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            app.drain(timeout=20)
+        assert not release.is_set(), "Ctrl-C was handled only once the listener ended"
+    finally:
+        release.set()
+        ends.cancel()
 
 
 def test_close_returns_within_its_timeout_and_leaves_the_rest_pending(
