@@ -83,12 +83,14 @@ def test_ctrl_c_while_drain_waits_for_a_listener_is_not_held_until_it_ends(
     ends = threading.Timer(8, release.set)  # the listener's end, if nothing else came first
     ends.start()
     # interrupt_main: the handler runs at the main thread's next bytecode, no wake-up.
-    threading.Timer(0.3, _thread.interrupt_main).start()
+    ctrl_c = threading.Timer(0.3, _thread.interrupt_main)
+    ctrl_c.start()
     try:
         with pytest.raises(KeyboardInterrupt):
             app.drain(timeout=20)
         assert not release.is_set(), "Ctrl-C was handled only once the listener ended"
     finally:
+        ctrl_c.cancel()  # never a stray Ctrl-C in pytest's own code if drain failed early
         release.set()
         ends.cancel()
 
