@@ -361,7 +361,7 @@ class Engine:
         extra = 1
         try:
             while True:
-                batch, flushes = self._take()
+                batch, flushes, acks = self._take()
                 if batch:
                     try:
                         self._process(batch)
@@ -372,7 +372,6 @@ class Engine:
                             if not a.future.done():
                                 a.future.set_exception(error)
                     finally:  # written, or back in `_acks` or `_retries` for another try
-                        acks = sum(1 for a in batch if a.kind == ACK)
                         if acks:
                             with self._lock:
                                 self._acks_writing -= acks
@@ -392,8 +391,11 @@ class Engine:
             if more:
                 self._kick.set()
 
-    def _take(self) -> tuple[list[Action], list[Action]]:
-        """Gather a batch: everything queued, due conflict retries and deferred acks."""
+    def _take(self) -> tuple[list[Action], list[Action], int]:
+        """Gather a batch: everything queued, due conflict retries and deferred acks.
+
+        Returns the batch, the flushes to answer after it, and its number of acks.
+        """
         batch: list[Action] = []
         flushes: list[Action] = []
         now = time.monotonic()
@@ -410,8 +412,9 @@ class Engine:
                 self._take_acks(batch, bool(flushes), now, stopping)
             # Taken acknowledgements are unwritten until `_lead` has processed the
             # batch: `flush` must not report them written meanwhile.
-            self._acks_writing += sum(1 for a in batch if a.kind == ACK)
-        return batch, flushes
+            acks = sum(1 for a in batch if a.kind == ACK)
+            self._acks_writing += acks
+        return batch, flushes, acks
 
     def _take_acks(self, batch: list[Action], flush: bool, now: float, stopping: bool) -> None:
         """Add the deferred acks that go out now to `batch` (the lock is held).

@@ -29,9 +29,7 @@ def pack(pending: list[Doc], seq: int) -> list[Doc]:
     seqs = {e["seq"] for e in pending}
     out = []
     for e in pending:
-        drop: tuple[str, ...] = ("state",) if e["seq"] == seq else ()
-        if e["seq"] - 1 in seqs:
-            drop += ("prev",)
+        drop = _shared(e, seq, seqs)
         out.append({k: v for k, v in e.items() if k not in drop} if drop else e)
     return out
 
@@ -41,12 +39,25 @@ def unpack(doc: Doc) -> list[Doc]:
     pending: list[Doc] = list(doc.get("pending", ()))
     if all("prev" in e and "state" in e for e in pending):
         return pending
+    return _with_states(sorted(pending, key=lambda e: e["seq"]), doc)
+
+
+def _shared(e: Doc, seq: int, seqs: set[int]) -> tuple[str, ...]:
+    """The states entry `e` need not store: the envelope's own, or the previous entry's."""
+    drop: tuple[str, ...] = ("state",) if e["seq"] == seq else ()
+    if e["seq"] - 1 in seqs:
+        drop += ("prev",)
+    return drop
+
+
+def _with_states(entries: list[Doc], doc: Doc) -> list[Doc]:
+    """Copies of `entries`, each given back the `state` and `prev` that `_shared` left out."""
     states: dict[int, Any] = {int(doc.get("seq", 0)): doc.get("state", {})}
-    for e in pending:
+    for e in entries:
         if "state" in e:
             states[e["seq"]] = e["state"]
     out = []
-    for e in sorted(pending, key=lambda e: e["seq"]):
+    for e in entries:
         full = dict(e)
         full.setdefault("state", states[e["seq"]])
         full.setdefault("prev", states.get(e["seq"] - 1, {}))
@@ -67,13 +78,8 @@ def pack_failed(failed: list[Doc], seq: int) -> list[Doc]:
     seen: set[int] = set()
     out = []
     for f in sorted(failed, key=lambda f: f["seq"]):
-        drop: tuple[str, ...] = _CHANGE if f["seq"] in seen else ()
-        if not drop:
-            seen.add(f["seq"])
-            if f["seq"] == seq:
-                drop += ("state",)
-            if f["seq"] - 1 in seqs:
-                drop += ("prev",)
+        drop = _CHANGE if f["seq"] in seen else _shared(f, seq, seqs)
+        seen.add(f["seq"])
         out.append({k: v for k, v in f.items() if k not in drop} if drop else f)
     return out
 
@@ -83,22 +89,12 @@ def unpack_failed(doc: Doc) -> list[Doc]:
     failed: list[Doc] = list(doc.get("failed", ()))
     if all(k in f for f in failed for k in _CHANGE):
         return failed
-    states: dict[int, Any] = {int(doc.get("seq", 0)): doc.get("state", {})}
-    change: dict[int, Doc] = {}
+    data: dict[int, Any] = {}
     for f in failed:
-        shared = change.setdefault(f["seq"], {})
-        for k in ("data", "state"):
-            if k in f:
-                shared.setdefault(k, f[k])
-        if "state" in f:
-            states.setdefault(f["seq"], f["state"])
-    out = []
-    for f in failed:
-        full = dict(f)
-        shared = change[f["seq"]]
-        if "data" in shared:
-            full.setdefault("data", shared["data"])
-        full.setdefault("state", states[f["seq"]])
-        full.setdefault("prev", states.get(f["seq"] - 1, {}))
-        out.append(full)
+        if "data" in f:
+            data.setdefault(f["seq"], f["data"])
+    out = _with_states(failed, doc)
+    for f in out:
+        if f["seq"] in data:
+            f.setdefault("data", data[f["seq"]])
     return out
