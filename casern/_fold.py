@@ -286,21 +286,27 @@ class Fold:
 
         The revision check of this write makes each due time fire once across workers.
         """
-        if a.now is not None:
-            now = min(now, a.now)
-        fired_any = False
-        for name, at in sorted(self.due.items(), key=lambda kv: kv[1]):
-            if at > now:
-                continue
-            fired_any = self.meta = True
-            del self.due[name]
-            self.fired[name] = at
+        now, due = self._take_due(a, now)
+        for name, at in due:
             _telemetry.fired(a, self.id, name, at, now)
             data = {"now": now}
             result = self.reduce(a, name, dumps(data), data, None, now, fire=at)
             if isinstance(result, BaseException):
                 _log.error("timer %r of %r failed: %s", name, self.id, result)
-        self.plan.results.append((a, self.state_json if fired_any else None))
+        self.plan.results.append((a, self.state_json if due else None))
+
+    def _take_due(self, a: Action, now: float) -> tuple[float, list[tuple[str, float]]]:
+        """Consume the due times `a` fires, earliest first: (its clock, those times)."""
+        if a.now is not None:
+            now = min(now, a.now)
+        due = [
+            (name, at) for name, at in sorted(self.due.items(), key=lambda kv: kv[1]) if at <= now
+        ]
+        for name, at in due:
+            del self.due[name]
+            self.fired[name] = at
+        self.meta = self.meta or bool(due)
+        return now, due
 
     def ack(self, a: Action, now: float) -> None:
         """Drop the delivered changes from the outbox; keep the deliveries that gave up."""
@@ -438,12 +444,7 @@ class Fold:
             if a.kind == SEND:
                 fold.plan.results.append((a, answer))
             elif a.kind == FIRE:
-                due = min(now, a.now) if a.now is not None else now
-                for name, at in list(fold.due.items()):
-                    if at <= due:
-                        del fold.due[name]
-                        fold.fired[name] = at
-                        fold.meta = True
+                fold._take_due(a, now)
                 fold.plan.results.append((a, None))
             else:
                 _KINDS[a.kind](fold, a, now)
